@@ -24,6 +24,7 @@ class HardMiningCallback(Callback):
 
     def __init__(self, per_sample_loss_func=None): # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
         self.per_sample_loss_func = per_sample_loss_func
+        self.active, self._fit_pending = False, False
         self._reset_records()
 
     @property
@@ -36,12 +37,22 @@ class HardMiningCallback(Callback):
         raise NotImplementedError
 
     def before_fit(self):
+        # `validate` and `get_preds` send `before_fit` too: only the first training epoch starts a new record
+        self._fit_pending = True
+
+    def before_train(self):
+        if not self._fit_pending: return
+        self._fit_pending = False
         others = [cb for cb in self.learn.cbs if isinstance(cb, HardMiningCallback) and cb is not self]
         if others:
             raise ValueError(f"A Learner takes one hard-mining callback, got {type(self).__name__} and "
                              f"{', '.join(type(o).__name__ for o in others)}: remove all but one")
         # lr_find trains too, but its losses must be those of plain training
         self.active = not hasattr(self.learn, 'lr_finder')
+        self.reset()
+
+    def reset(self):
+        "Forget what earlier fits recorded (called when a fit starts training)"
         self._reset_records()
 
     def sample_losses(self) -> Tensor:
@@ -146,8 +157,8 @@ class SelectiveBackpropCallback(HardMiningCallback):
         self.history = LossHistory(history_size)
         self.generator = None
 
-    def before_fit(self):
-        super().before_fit()
+    def reset(self):
+        super().reset()
         self.history.reset()
 
     def _generator(self, device) -> torch.Generator:
