@@ -1,0 +1,50 @@
+"""Mirrors kept in step with their sources: settings.ini from pyproject.toml, README.md from nbs/index.ipynb.
+
+`python tests/sync_files.py` rewrites both; `tests/test_project.py` fails when either has drifted.
+"""
+import json, sys, tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def render_settings_ini(root=ROOT) -> str:
+    "nbdev's settings as a settings.ini, from pyproject.toml's `[project]` and `[tool.nbdev]`"
+    cfg = tomllib.loads((root/'pyproject.toml').read_text())
+    proj, nbdev = cfg['project'], cfg['tool']['nbdev']
+    version = next(l.split('=')[1].strip().strip('"\'') for l in (root/nbdev['lib_path']/'__init__.py').read_text().splitlines()
+                   if l.startswith('__version__'))
+    repo_url = proj['urls']['Repository'].rstrip('/')
+    user, repo = repo_url.split('/')[-2:]
+    author = proj['authors'][0]
+    keys = dict(
+        repo=repo, lib_name=proj['name'], version=version, min_python=proj['requires-python'].lstrip('>='),
+        license=proj['license'], description=proj['description'], keywords=' '.join(proj['keywords']),
+        author=author['name'], author_email=author['email'], user=user, branch=nbdev.get('branch', 'main'),
+        git_url=repo_url, doc_host=proj['urls']['Documentation'].split('/' + repo)[0], doc_baseurl=f'/{repo}',
+        title=nbdev.get('title', proj['name']), lib_path=nbdev['lib_path'], nbs_path=nbdev['nbs_path'],
+        doc_path=nbdev['doc_path'], recursive='True', tst_flags='notest', put_version_in_init='True',
+        requirements=' '.join(proj['dependencies']),
+        dev_requirements=' '.join(proj['optional-dependencies']['dev']),
+        console_scripts=' '.join(f'{k}={v}' for k, v in proj['scripts'].items()))
+    head = ("# Mirror of pyproject.toml's nbdev settings for tools that still read settings.ini.\n"
+            "# Do not edit: run `python tests/sync_files.py` (tests/test_project.py fails on drift).\n")
+    return head + '[DEFAULT]\n' + ''.join(f'{k} = {v}\n' for k, v in keys.items())
+
+def render_readme(root=ROOT) -> str:
+    "README.md: the markdown and visible code cells of nbs/index.ipynb"
+    nb = json.loads((root/'nbs'/'index.ipynb').read_text())
+    parts = []
+    for c in nb['cells']:
+        src = ''.join(c['source']).strip()
+        if not src or src.startswith('#| hide'): continue
+        parts.append(src if c['cell_type'] == 'markdown' else f'```python\n{src}\n```')
+    return '<!-- Generated from nbs/index.ipynb by tests/sync_files.py: edit the notebook, not this file. -->\n\n' \
+           + '\n\n'.join(parts) + '\n'
+
+MIRRORS = {'settings.ini': render_settings_ini, 'README.md': render_readme}
+
+if __name__ == '__main__':
+    for name, render in MIRRORS.items():
+        (ROOT/name).write_text(render())
+        print(f'wrote {name}')
+    sys.exit(0)
