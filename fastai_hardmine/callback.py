@@ -11,21 +11,30 @@ from torch import Tensor
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
+from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, per_sample_loss, select_loss_fraction,
-                                  select_top_k, select_selective_backprop, LossHistory)
+                                  select_top_k, select_selective_backprop, LossHistory, subset_batch)
 
 # %% auto #0
-__all__ = ['HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
+__all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
 
 # %% ../nbs/01_callback.ipynb #c005
+MODES = ('mask', 'subset')
+
 class HardMiningCallback(Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
-    # before `GradientAccumulation`, which rescales the `loss_grad` this callback sets
+    # mask mode: before `GradientAccumulation`, which rescales the `loss_grad` this callback sets
     order, run_valid = GradientAccumulation.order - 1, False
 
-    def __init__(self, per_sample_loss_func=None): # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
-        self.per_sample_loss_func = per_sample_loss_func
+    def __init__(self,
+                 per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
+                 mode:str='mask', # 'mask': mask the loss after the full forward; 'subset': score first, then train on the kept samples only
+                ):
+        if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
+        # subset mode scores in `before_batch`, which must run inside the autocast `MixedPrecision` enters there
+        if mode == 'subset': self.order = MixedPrecision.order + 1
         self.active, self._fit_pending = False, False
         self._reset_records()
 
@@ -57,11 +66,24 @@ class HardMiningCallback(Callback):
         "Forget what earlier fits recorded (called when a fit starts training)"
         self._reset_records()
 
-    def sample_losses(self) -> Tensor:
-        "Per-sample losses of the current batch, with their graph"
+    def sample_losses(self, pred=None) -> Tensor:
+        "Per-sample losses of the current batch (from `pred`, default the Learner's), with their graph"
+        pred = self.pred if pred is None else pred
         if self.per_sample_loss_func is not None:
-            return per_sample_loss(self.per_sample_loss_func, self.pred, *self.yb, is_per_sample=True)
-        return per_sample_loss(self.learn.loss_func, self.pred, *self.yb)
+            return per_sample_loss(self.per_sample_loss_func, pred, *self.yb, is_per_sample=True)
+        return per_sample_loss(self.learn.loss_func, pred, *self.yb)
+
+    def score(self) -> Tensor:
+        "Per-sample losses of the whole batch from a no-grad forward that leaves every buffer of the model as it was"
+        model = self.learn.model
+        # train mode, so the ranking sees the losses the training forward would give (BatchNorm on batch
+        # statistics, dropout on); the buffers that forward updates are put back afterwards
+        saved = [b.clone() for b in model.buffers()]
+        try:
+            with torch.no_grad(): return self.sample_losses(model(*self.xb))
+        finally:
+            with torch.no_grad():
+                for b, s in zip(model.buffers(), saved): b.copy_(s)
 
     def check_finite(self, losses:Tensor):
         "Raise `FloatingPointError` if a loss of the batch is NaN or infinite"
@@ -72,8 +94,23 @@ class HardMiningCallback(Callback):
                 f"infinite in training batch {self.iter} of epoch {self.epoch}. Lower the learning rate, check "
                 f"the inputs and targets of that batch, or add `GradientClip`.")
 
+    def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
+
+    def before_batch(self):
+        if self.mode != 'subset' or not self._mining(): return
+        losses = self.score()
+        self.check_finite(losses)
+        idx = self.select(losses)
+        self._batch_loss = losses.mean()
+        if len(idx) < len(losses): self.learn.xb, self.learn.yb = subset_batch(self.xb, idx), subset_batch(self.yb, idx)
+        self._record(losses, idx)
+
     def after_loss(self):
-        if not (self.training and self.active and len(self.yb)): return
+        if not self._mining(): return
+        if self.mode == 'subset':
+            # log the whole batch's loss, as in mask mode and without the callback
+            self.learn.loss = self._batch_loss.to(self.loss.dtype)
+            return
         losses = self.sample_losses()
         detached = losses.detach()
         self.check_finite(detached)
@@ -124,8 +161,9 @@ class BatchLossFilterCallback(HardMiningCallback):
                  min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                  min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+                 mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                 ):
-        super().__init__(per_sample_loss_func)
+        super().__init__(per_sample_loss_func, mode)
         self.min_loss_perc = check_unit_interval('min_loss_perc', min_loss_perc, low_open=True)
         self.min_sample_perc = check_unit_interval('min_sample_perc', min_sample_perc)
 
@@ -137,8 +175,9 @@ class TopKCallback(HardMiningCallback):
     def __init__(self,
                  k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+                 mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                 ):
-        super().__init__(per_sample_loss_func)
+        super().__init__(per_sample_loss_func, mode)
         self.k = check_top_k(k)
 
     def select(self, losses): return select_top_k(losses, self.k)
@@ -151,8 +190,9 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  history_size:int=1024, # Recent losses the percentile is taken over, >= 1
                  seed:int|None=None, # Seed of the callback's own random generator; default: drawn from torch's global RNG
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+                 mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                 ):
-        super().__init__(per_sample_loss_func)
+        super().__init__(per_sample_loss_func, mode)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
             raise ValueError(f"`beta` must be a number >= 0, got {beta!r}")
         self.beta, self.seed = float(beta), seed
@@ -183,17 +223,19 @@ def batch_loss_filter(self:Learner,
                       min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                       min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
                       per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+                      mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                      ) -> Learner:
     "Train on the highest-loss samples carrying `min_loss_perc` of each batch's loss"
-    return _use_hard_miner(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, per_sample_loss_func))
+    return _use_hard_miner(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, per_sample_loss_func, mode))
 
 @patch
 def top_k(self:Learner,
           k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
           per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+          mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
          ) -> Learner:
     "Train on the `k` highest-loss samples of each batch"
-    return _use_hard_miner(self, TopKCallback(k, per_sample_loss_func))
+    return _use_hard_miner(self, TopKCallback(k, per_sample_loss_func, mode))
 
 @patch
 def selective_backprop(self:Learner,
@@ -201,6 +243,7 @@ def selective_backprop(self:Learner,
                        history_size:int=1024, # Recent losses the percentile is taken over, >= 1
                        seed:int|None=None, # Seed of the callback's random generator
                        per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+                       mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                       ) -> Learner:
     "Keep each sample with probability (loss percentile) ** `beta` (Selective-Backprop)"
-    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, per_sample_loss_func))
+    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, per_sample_loss_func, mode))
