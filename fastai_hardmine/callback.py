@@ -13,8 +13,8 @@ from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
-from .core import (check_unit_interval, check_top_k, per_sample_loss, select_loss_fraction,
-                                  select_top_k, select_selective_backprop, LossHistory, subset_batch)
+from .core import (check_unit_interval, check_top_k, batch_size, per_sample_loss, select_loss_fraction,
+                                  select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch)
 
 # %% auto #0
 __all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
@@ -46,6 +46,10 @@ class HardMiningCallback(Callback):
     def select(self, losses:Tensor) -> Tensor:
         "Indices of the samples to keep, from the batch's detached per-sample `losses`"
         raise NotImplementedError
+
+    def keeps_all(self, n:int) -> bool:
+        "True when the rule keeps every sample of a batch of `n` whatever the losses: the batch is then trained as is"
+        return False
 
     def before_fit(self):
         # `validate` and `get_preds` send `before_fit` too: only the first training epoch starts a new record
@@ -98,6 +102,7 @@ class HardMiningCallback(Callback):
 
     def before_batch(self):
         if self.mode != 'subset' or not self._mining(): return
+        if self._kept_whole(): return
         losses = self.score()
         self.check_finite(losses)
         idx = self.select(losses)
@@ -109,14 +114,25 @@ class HardMiningCallback(Callback):
         if not self._mining(): return
         if self.mode == 'subset':
             # log the whole batch's loss, as in mask mode and without the callback
-            self.learn.loss = self._batch_loss.to(self.loss.dtype)
+            if self._batch_loss is not None: self.learn.loss = self._batch_loss.to(self.loss.dtype)
             return
+        if self._kept_whole(): return
         losses = self.sample_losses()
         detached = losses.detach()
         self.check_finite(detached)
         idx = self.select(detached)
         self.learn.loss_grad = losses[idx].mean()
         self._record(detached, idx)
+
+    def _kept_whole(self) -> bool:
+        "Record and skip a batch the rule keeps whole: no scoring, no per-sample loss, the plain fastai step"
+        self._batch_loss = None
+        n = batch_size(self.yb)
+        if n is None or not self.keeps_all(n): return False
+        self._sizes.append(n); self._kept.append(n)
+        # on the batch's device, like the shares of the batches that were scored
+        self._shares.append(torch.ones((), device=self.yb[0].device))
+        return True
 
     def _record(self, losses:Tensor, idx:Tensor):
         self._sizes.append(len(losses))
@@ -168,6 +184,7 @@ class BatchLossFilterCallback(HardMiningCallback):
         self.min_sample_perc = check_unit_interval('min_sample_perc', min_sample_perc)
 
     def select(self, losses): return select_loss_fraction(losses, self.min_loss_perc, self.min_sample_perc)
+    def keeps_all(self, n): return self.min_sample_perc == 1
 
 # %% ../nbs/01_callback.ipynb #c012
 class TopKCallback(HardMiningCallback):
@@ -181,6 +198,7 @@ class TopKCallback(HardMiningCallback):
         self.k = check_top_k(k)
 
     def select(self, losses): return select_top_k(losses, self.k)
+    def keeps_all(self, n): return top_k_count(self.k, n) >= n
 
 # %% ../nbs/01_callback.ipynb #c015
 class SelectiveBackpropCallback(HardMiningCallback):
@@ -212,6 +230,8 @@ class SelectiveBackpropCallback(HardMiningCallback):
     def select(self, losses):
         self.history.update(losses)
         return select_selective_backprop(losses, self.history.values, self.beta, self._generator(losses.device))
+
+    def keeps_all(self, n): return self.beta == 0
 
 # %% ../nbs/01_callback.ipynb #c019
 def _use_hard_miner(learn:Learner, cb:HardMiningCallback) -> Learner:
