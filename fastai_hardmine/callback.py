@@ -6,12 +6,14 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/callback.html.md"""
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
+from numbers import Real
 import torch
 from torch import Tensor
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, batch_size, per_sample_loss, select_loss_fraction,
                                   select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch)
@@ -24,8 +26,9 @@ MODES = ('mask', 'subset')
 
 class HardMiningCallback(Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
-    # mask mode: before `GradientAccumulation`, which rescales the `loss_grad` this callback sets
-    order, run_valid = GradientAccumulation.order - 1, False
+    # mask mode: before every callback that changes the `loss_grad` this callback sets (`RNNRegularizer` adds
+    # to it, `GradientAccumulation` rescales it, user callbacks at the default order 0 may do either)
+    order, run_valid = min(RNNRegularizer.order, GradientAccumulation.order, 0) - 1, False
 
     def __init__(self,
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
@@ -40,8 +43,8 @@ class HardMiningCallback(Callback):
 
     @property
     def name(self):
-        # one attribute for whichever rule is active: the class-derived names would hide the Learner methods
-        return 'hard_miner'
+        # the class-derived names (`top_k`, ...) would hide the Learner methods of the same names
+        return 'hard_mining_' + super().name
 
     def select(self, losses:Tensor) -> Tensor:
         "Indices of the samples to keep, from the batch's detached per-sample `losses`"
@@ -211,7 +214,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                 ):
         super().__init__(per_sample_loss_func, mode)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        if isinstance(beta, bool) or not isinstance(beta, Real) or not beta >= 0:
             raise ValueError(f"`beta` must be a number >= 0, got {beta!r}")
         self.beta, self.seed = float(beta), seed
         self.history = LossHistory(history_size)
@@ -234,6 +237,11 @@ class SelectiveBackpropCallback(HardMiningCallback):
     def keeps_all(self, n): return self.beta == 0
 
 # %% ../nbs/01_callback.ipynb #c019
+@patch(as_prop=True)
+def hard_miner(self:Learner) -> HardMiningCallback|None:
+    "The hard-mining callback of this Learner, or None"
+    return next((cb for cb in self.cbs if isinstance(cb, HardMiningCallback)), None)
+
 def _use_hard_miner(learn:Learner, cb:HardMiningCallback) -> Learner:
     learn.remove_cbs([c for c in learn.cbs if isinstance(c, HardMiningCallback)])
     return learn.add_cb(cb)
