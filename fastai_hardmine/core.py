@@ -103,7 +103,10 @@ def select_loss_fraction(losses:Tensor, # Per-sample losses, 1-D and non-negativ
     # float64 keeps the running sum exact enough that the cut does not move with the summation order
     csum = ranked.double().cumsum(0)
     total = csum[-1]
-    k = torch.where(total > 0, (csum < min_loss_perc * total).sum() + 1, n)
+    # a share reached exactly (7 of 25 at 0.28) must count as reached, whatever the float noise in 0.28*25;
+    # at 1 no slack, or tiny non-zero losses would be dropped
+    threshold = min_loss_perc if min_loss_perc == 1 else min_loss_perc * (1 - 1e-12)
+    k = torch.where(total > 0, (csum < threshold * total).sum() + 1, n)
     # one host sync fetches the count and the smallest loss together
     k, smallest = torch.stack([k.double(), ranked[-1].double()]).tolist()
     if smallest < 0: raise ValueError(f"select_loss_fraction needs non-negative losses, got {smallest}")
@@ -114,7 +117,8 @@ def select_loss_fraction(losses:Tensor, # Per-sample losses, 1-D and non-negativ
 def top_k_count(k:int|float, n:int) -> int:
     "How many samples `select_top_k` keeps of a batch of `n`"
     k = check_top_k(k)
-    return min(k, n) if isinstance(k, int) else min(n, max(1, math.floor(k * n + 0.5)))
+    # round(…, 9) so that float noise (0.29*50 = 14.499999999999998) does not decide a half
+    return min(k, n) if isinstance(k, int) else min(n, max(1, math.floor(round(k * n, 9) + 0.5)))
 
 def select_top_k(losses:Tensor, # Per-sample losses, 1-D
                  k:int|float, # Samples to keep (int) or share of the batch to keep (float in (0, 1])
@@ -181,7 +185,7 @@ class LossHistory:
     @property
     def values(self) -> Tensor:
         "The losses held, in no particular order"
-        return self.buffer[:self.count]
+        return self.buffer[:self.count] if self.buffer is not None else torch.zeros(0)
 
 # %% ../nbs/00_core.ipynb #c029
 def subset_batch(b, # A tensor, or tuples, lists and dicts of them
