@@ -6,7 +6,6 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/callback.html.md"""
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
-from numbers import Real
 import torch
 from torch import Tensor
 from fastcore.basics import patch
@@ -15,7 +14,7 @@ from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
-from .core import (check_unit_interval, check_top_k, batch_size, per_sample_loss, select_loss_fraction,
+from .core import (check_unit_interval, check_top_k, check_beta, batch_size, per_sample_loss, select_loss_fraction,
                                   select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch)
 
 # %% auto #0
@@ -214,9 +213,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
                 ):
         super().__init__(per_sample_loss_func, mode)
-        if isinstance(beta, bool) or not isinstance(beta, Real) or not beta >= 0:
-            raise ValueError(f"`beta` must be a number >= 0, got {beta!r}")
-        self.beta, self.seed = float(beta), seed
+        self.beta, self.seed = check_beta(beta), seed
         self.history = LossHistory(history_size)
         self.generator = None
 

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_unit_interval', 'check_top_k', 'batch_size', 'per_sample_loss', 'select_loss_fraction', 'top_k_count',
-           'select_top_k', 'selective_backprop_probs', 'select_selective_backprop', 'LossHistory', 'subset_batch']
+__all__ = ['check_unit_interval', 'check_top_k', 'check_beta', 'batch_size', 'per_sample_loss', 'select_loss_fraction',
+           'top_k_count', 'select_top_k', 'selective_backprop_probs', 'select_selective_backprop', 'LossHistory',
+           'subset_batch']
 
 # %% ../nbs/00_core.ipynb #c006
 def check_unit_interval(name:str, value, low_open:bool=False) -> float:
@@ -32,7 +33,14 @@ def check_top_k(k):
     elif isinstance(k, Real) and not isinstance(k, bool) and 0 < k <= 1: return float(k)
     raise ValueError(f"`k` must be a positive int (samples per batch) or a float in (0, 1] (share of the batch), got {k!r}")
 
-# %% ../nbs/00_core.ipynb #c010
+# %% ../nbs/00_core.ipynb #c008
+def check_beta(beta) -> float:
+    "Return `beta` as a float if it is a number >= 0, else raise `ValueError`"
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not beta >= 0:
+        raise ValueError(f"`beta` must be a number >= 0, got {beta!r}")
+    return float(beta)
+
+# %% ../nbs/00_core.ipynb #c011
 def batch_size(b) -> int|None:
     "Length of the first dimension of the first tensor found in `b` (a tensor, or nested tuples, lists and dicts)"
     if isinstance(b, Tensor): return b.shape[0] if b.ndim else None
@@ -43,7 +51,7 @@ def batch_size(b) -> int|None:
             if n is not None: return n
     return None
 
-# %% ../nbs/00_core.ipynb #c011
+# %% ../nbs/00_core.ipynb #c012
 def _loss_name(f):
     return getattr(f, '__qualname__', None) or getattr(f, '__name__', None) or type(f).__name__
 
@@ -54,7 +62,7 @@ def _takes_reduction(f) -> bool:
 _how_to_fix = ("Pass a function of `(pred, *yb)` that returns one loss per sample as `per_sample_loss_func=` "
                "to the hard-mining callback or Learner method (e.g. `learn.top_k(0.5, per_sample_loss_func=f)`).")
 
-# %% ../nbs/00_core.ipynb #c012
+# %% ../nbs/00_core.ipynb #c013
 def per_sample_loss(loss_func, # Loss with a `reduction` attribute or argument, or a per-sample loss
                     pred, # Model output for the batch
                     *yb, # Targets for the batch
@@ -79,7 +87,7 @@ def per_sample_loss(loss_func, # Loss with a `reduction` attribute or argument, 
                         f"values per sample. {_how_to_fix}")
     return loss.reshape(n, -1).float().mean(1)
 
-# %% ../nbs/00_core.ipynb #c016
+# %% ../nbs/00_core.ipynb #c017
 def _ranked(losses:Tensor) -> tuple[Tensor, Tensor]:
     "Losses sorted from highest to lowest, ties by index, with the order"
     if losses.ndim != 1 or not losses.numel():
@@ -90,7 +98,7 @@ def _ceil(x:float) -> int:
     "`ceil` that ignores float noise such as 0.3*10 = 3.0000000000000004"
     return math.ceil(round(x, 9))
 
-# %% ../nbs/00_core.ipynb #c018
+# %% ../nbs/00_core.ipynb #c019
 def select_loss_fraction(losses:Tensor, # Per-sample losses, 1-D and non-negative
                          min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                          min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
@@ -113,7 +121,7 @@ def select_loss_fraction(losses:Tensor, # Per-sample losses, 1-D and non-negativ
     k = min(n, max(int(k), _ceil(min_sample_perc * n)))
     return order[:k].sort().values
 
-# %% ../nbs/00_core.ipynb #c021
+# %% ../nbs/00_core.ipynb #c022
 def top_k_count(k:int|float, n:int) -> int:
     "How many samples `select_top_k` keeps of a batch of `n`"
     k = check_top_k(k)
@@ -127,21 +135,20 @@ def select_top_k(losses:Tensor, # Per-sample losses, 1-D
     _, order = _ranked(losses)
     return order[:top_k_count(k, len(losses))].sort().values
 
-# %% ../nbs/00_core.ipynb #c024
+# %% ../nbs/00_core.ipynb #c025
 def selective_backprop_probs(losses:Tensor, # Per-sample losses, 1-D
                              history:Tensor, # Recently seen losses (the current batch's included), 1-D
                              beta:float=3., # Selectivity: 0 keeps everything, larger keeps fewer
                             ) -> Tensor:
     "Keep probability of each sample: the share of `history` strictly below its loss, to the power `beta`"
-    if isinstance(beta, bool) or not isinstance(beta, Real) or not beta >= 0:
-        raise ValueError(f"`beta` must be a number >= 0, got {beta!r}")
+    beta = check_beta(beta)
     if history.ndim != 1 or not history.numel():
         raise ValueError(f"`history` must be a non-empty 1-D tensor, got shape {tuple(history.shape)}")
     ref = history.detach().float().sort().values
     below = torch.searchsorted(ref, losses.detach().float().contiguous(), side='left')
     return (below.float() / len(ref)) ** beta
 
-# %% ../nbs/00_core.ipynb #c025
+# %% ../nbs/00_core.ipynb #c026
 def select_selective_backprop(losses:Tensor, # Per-sample losses, 1-D
                               history:Tensor, # Recently seen losses (the current batch's included), 1-D
                               beta:float=3., # Selectivity: 0 keeps everything, larger keeps fewer
@@ -155,7 +162,7 @@ def select_selective_backprop(losses:Tensor, # Per-sample losses, 1-D
     keep[top] = keep[top] | ~keep.any()
     return keep.nonzero().squeeze(1)
 
-# %% ../nbs/00_core.ipynb #c026
+# %% ../nbs/00_core.ipynb #c027
 class LossHistory:
     "The last `size` losses seen, in a ring buffer on the losses' device"
     def __init__(self, size:int=1024): # Number of recent losses to keep
@@ -187,7 +194,7 @@ class LossHistory:
         "The losses held, in no particular order"
         return self.buffer[:self.count] if self.buffer is not None else torch.zeros(0)
 
-# %% ../nbs/00_core.ipynb #c029
+# %% ../nbs/00_core.ipynb #c030
 def subset_batch(b, # A tensor, or tuples, lists and dicts of them
                  idx:Tensor, # Indices of the samples to keep
                 ):
