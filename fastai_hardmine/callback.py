@@ -9,19 +9,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from fastcore.basics import patch
-from fastai.callback.core import Callback
+from numbers import Integral
+import torch.distributed as dist
+from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, per_sample_loss, select_loss_fraction,
-                                  select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch)
+                                  select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch,
+                                  concat_batches)
 
 # %% auto #0
 __all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
 
 # %% ../nbs/01_callback.ipynb #c005
 MODES = ('mask', 'subset')
+
+def _on_all_ranks(flag:bool, like:tuple) -> bool:
+    "`flag` on every process of a distributed run (True only if all say so), or `flag` itself when not distributed"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return flag
+    # every rank must agree to step or skip together, or the ranks that step wait forever in DDP's all-reduce
+    t = torch.tensor(int(flag), device=like[0].device if dist.get_backend() == 'nccl' else 'cpu')
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 class HardMiningCallback(Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
@@ -38,6 +49,10 @@ class HardMiningCallback(Callback):
         # subset mode scores in `before_batch`, which must run inside the autocast `MixedPrecision` enters there
         if mode == 'subset': self.order = MixedPrecision.order + 1
         self.active, self._fit_pending = False, False
+        # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
+        self.fill_batch, self.staleness = False, 0
+        self._queue, self._queued, self._deferred = [], 0, False
+        self._loss_table = self._scored_at = self._epoch_idxs = None
         self._reset_records()
 
     @property
@@ -58,6 +73,8 @@ class HardMiningCallback(Callback):
         self._fit_pending = True
 
     def before_train(self):
+        self._clear_queue()
+        self._epoch_idxs = None
         if not self._fit_pending: return
         self._fit_pending = False
         others = [cb for cb in self.learn.cbs if isinstance(cb, HardMiningCallback) and cb is not self]
@@ -71,22 +88,31 @@ class HardMiningCallback(Callback):
     def reset(self):
         "Forget what earlier fits recorded (called when a fit starts training)"
         self._reset_records()
+        self._loss_table = self._scored_at = None
 
-    def sample_losses(self, pred=None) -> Tensor:
-        "Per-sample losses of the current batch (from `pred`, default the Learner's), with their graph"
+    def after_fit(self): self._clear_queue()
+    def after_cancel_train(self): self._clear_queue()
+    def after_cancel_fit(self): self._clear_queue()
+
+    def _clear_queue(self): self._queue, self._queued = [], 0
+
+    def sample_losses(self, pred=None, yb=None) -> Tensor:
+        "Per-sample losses of `pred` against `yb` (default: the Learner's prediction and targets), with their graph"
         pred = self.pred if pred is None else pred
+        yb = self.yb if yb is None else yb
         if self.per_sample_loss_func is not None:
-            return per_sample_loss(self.per_sample_loss_func, pred, *self.yb, is_per_sample=True)
-        return per_sample_loss(self.learn.loss_func, pred, *self.yb)
+            return per_sample_loss(self.per_sample_loss_func, pred, *yb, is_per_sample=True)
+        return per_sample_loss(self.learn.loss_func, pred, *yb)
 
-    def score(self) -> Tensor:
-        "Per-sample losses of the whole batch from a no-grad forward that leaves every buffer of the model as it was"
+    def score(self, xb=None, yb=None) -> Tensor:
+        "Per-sample losses of `xb` (default: the whole batch) from a no-grad forward that leaves every buffer as it was"
+        xb = self.xb if xb is None else xb
         model = self.learn.model
         # train mode, so the ranking sees the losses the training forward would give (BatchNorm on batch
         # statistics, dropout on); the buffers that forward updates are put back afterwards
         saved = [b.clone() for b in model.buffers()]
         try:
-            with torch.no_grad(): return self.sample_losses(model(*self.xb))
+            with torch.no_grad(): return self.sample_losses(model(*xb), yb)
         finally:
             with torch.no_grad():
                 for b, s in zip(model.buffers(), saved): b.copy_(s)
@@ -105,12 +131,90 @@ class HardMiningCallback(Callback):
     def before_batch(self):
         if self.mode != 'subset' or not self._mining(): return
         if self._kept_whole(): return
-        losses = self.score()
-        self.check_finite(losses)
+        losses, n_scored = self._batch_losses()
         idx = self.select(losses)
         self._batch_loss = losses.mean()
-        if len(idx) < len(losses): self.learn.xb, self.learn.yb = subset_batch(self.xb, idx), subset_batch(self.yb, idx)
-        self._record(losses, idx)
+        xb, yb = self.xb, self.yb
+        if len(idx) < len(losses): xb, yb = subset_batch(xb, idx), subset_batch(yb, idx)
+        if self.fill_batch:
+            batch = self._fill(xb, yb)
+            if batch is None:
+                # nothing to train yet: skip fastai's forward, backward and step, but log the batch's loss
+                self._record(losses, idx, n_scored, 0)
+                self.learn.loss = self._batch_loss
+                self._deferred = True
+                raise CancelBatchException()
+            xb, yb = batch
+        self._record(losses, idx, n_scored, batch_size(yb))
+        if xb is not self.xb: self.learn.xb, self.learn.yb = xb, yb
+
+    def after_cancel_batch(self):
+        if not self._deferred: return
+        self._deferred = False
+        # `MixedPrecision.before_batch` (which runs before this callback) entered its autocast, and the
+        # `after_loss` that leaves it will not run for this batch: leave it here
+        for cb in self.learn.cbs:
+            if isinstance(cb, MixedPrecision) and getattr(cb, 'autocast', None) is not None:
+                cb.autocast.__exit__(None, None, None)
+
+    def _batch_losses(self) -> tuple[Tensor, int]:
+        "Per-sample losses of the batch, from the loss table where fresh enough, and how many samples were forwarded"
+        if not self.staleness:
+            losses = self.score()
+            self.check_finite(losses)
+            return losses, len(losses)
+        idx = self._dataset_indices()
+        need = int(idx.max()) + 1 if len(idx) else 0
+        if self._loss_table is None or len(self._loss_table) < need:
+            # one row per dataset item, on the training device; a new item has never been scored
+            size = max(need, getattr(self.dl, 'n', 0) or 0)
+            table, scored_at = torch.zeros(size, device=idx.device), torch.full((size,), -2**62, device=idx.device)
+            if self._loss_table is not None:
+                table[:len(self._loss_table)], scored_at[:len(self._scored_at)] = self._loss_table, self._scored_at
+            self._loss_table, self._scored_at = table, scored_at
+        # a loss scored `staleness` epochs ago or less is reused; the others are scored now
+        stale = (self._scored_at[idx] < self.epoch - self.staleness).nonzero().flatten()
+        if len(stale):
+            whole = len(stale) == len(idx)
+            scores = self.score(self.xb if whole else subset_batch(self.xb, stale),
+                                self.yb if whole else subset_batch(self.yb, stale))
+            self.check_finite(scores)
+            self._loss_table[idx[stale]] = scores.to(self._loss_table.dtype)
+            self._scored_at[idx[stale]] = self.epoch
+        return self._loss_table[idx], len(stale)
+
+    def _dataset_indices(self) -> Tensor:
+        "Dataset indices of the current training batch's samples, from the DataLoader's order for the epoch"
+        n, device = batch_size(self.yb), self.yb[0].device
+        if self._epoch_idxs is None:
+            # fastai's DataLoader draws the epoch's index order when iteration starts; batch i is its slice i
+            idxs = getattr(self.dl, '_DataLoader__idxs', None)
+            if idxs is None:
+                raise TypeError(f"`staleness` needs the dataset indices of each training batch, which a "
+                                f"{type(self.dl).__name__} does not give: train with a fastai `DataLoader` (or one of its "
+                                f"subclasses such as `TfmdDL`), or use `staleness=0`")
+            self._epoch_idxs = torch.as_tensor(list(idxs), dtype=torch.long, device=device)
+        start = self.iter * self.dl.bs
+        idx = self._epoch_idxs[start:start + n]
+        if len(idx) != n:
+            raise RuntimeError(f"Training batch {self.iter} has {n} samples, but the DataLoader's index order for the "
+                               f"epoch has {len(idx)} left at position {start}: cannot match cached losses to samples")
+        return idx
+
+    def _fill(self, xb, yb):
+        "The queued kept samples as one batch once they fill the loader's batch size (or the epoch ends), else None"
+        self._queue.append((xb, yb))
+        self._queued += batch_size(yb)
+        full, last = self.dl.bs, self.iter == self.n_iter - 1
+        if not _on_all_ranks(self._queued >= full or last, yb): return None
+        xb, yb = concat_batches([b[0] for b in self._queue]), concat_batches([b[1] for b in self._queue])
+        n = self._queued
+        self._clear_queue()
+        if last or n <= full: return xb, yb
+        # train a full batch now; the rest waits for the next one
+        rest, now = slice(full, None), slice(None, full)
+        self._queue, self._queued = [(subset_batch(xb, rest), subset_batch(yb, rest))], n - full
+        return subset_batch(xb, now), subset_batch(yb, now)
 
     def after_loss(self):
         if not self._mining(): return
@@ -124,27 +228,29 @@ class HardMiningCallback(Callback):
         self.check_finite(detached)
         idx = self.select(detached)
         self.learn.loss_grad = losses[idx].mean()
-        self._record(detached, idx)
+        self._record(detached, idx, 0, len(losses))
 
     def _kept_whole(self) -> bool:
         "Record and skip a batch the rule keeps whole: no scoring, no per-sample loss, the plain fastai step"
         self._batch_loss = None
         n = batch_size(self.yb)
         if n is None or not self.keeps_all(n): return False
-        self._sizes.append(n); self._kept.append(n)
+        self._sizes.append(n); self._kept.append(n); self._scored.append(0); self._trained.append(n)
         # on the batch's device, like the shares of the batches that were scored
         self._shares.append(torch.ones((), device=self.yb[0].device))
         return True
 
-    def _record(self, losses:Tensor, idx:Tensor):
+    def _record(self, losses:Tensor, idx:Tensor, scored:int, trained:int):
         self._sizes.append(len(losses))
         self._kept.append(len(idx))
+        self._scored.append(scored)
+        self._trained.append(trained)
         # kept share of the batch's loss stays on the device: no host sync per batch
         total = losses.sum()
         self._shares.append(torch.where(total > 0, losses[idx].sum() / total, losses.new_ones(())))
 
     def _reset_records(self):
-        self._sizes, self._kept, self._shares = [], [], []
+        self._sizes, self._kept, self._shares, self._scored, self._trained = [], [], [], [], []
 
     @property
     def batch_sizes(self) -> Tensor:
@@ -155,6 +261,16 @@ class HardMiningCallback(Callback):
     def kept(self) -> Tensor:
         "Number of samples kept in each training batch seen since the start of `fit`"
         return torch.tensor(self._kept, dtype=torch.long)
+
+    @property
+    def scored(self) -> Tensor:
+        "Samples of each training batch forwarded by the no-grad scoring pass (0 in mask mode and for cached losses)"
+        return torch.tensor(self._scored, dtype=torch.long)
+
+    @property
+    def trained(self) -> Tensor:
+        "Samples fastai's training forward and backward ran on in each training batch (0 when `fill_batch` deferred it)"
+        return torch.tensor(self._trained, dtype=torch.long)
 
     @property
     def kept_loss_share(self) -> Tensor:
@@ -211,9 +327,18 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  seed:int|None=None, # Seed of the callback's own random generator; default: drawn from torch's global RNG
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
                  mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                 fill_batch:bool=False, # Queue kept samples across batches and train full batches of the loader's size ('subset' mode)
+                 staleness:int=0, # Reuse a sample's loss scored up to this many epochs ago instead of scoring it again ('subset' mode)
                 ):
         super().__init__(per_sample_loss_func, mode)
         self.beta, self.seed = check_beta(beta), seed
+        if not isinstance(fill_batch, bool): raise ValueError(f"`fill_batch` must be True or False, got {fill_batch!r}")
+        if isinstance(staleness, bool) or not isinstance(staleness, Integral) or staleness < 0:
+            raise ValueError(f"`staleness` must be an int >= 0 (epochs a scored loss stays usable), got {staleness!r}")
+        if mode != 'subset' and (fill_batch or staleness):
+            raise ValueError(f"`fill_batch` and `staleness` need mode='subset' (they change which samples the step trains "
+                             f"on and skip scoring forwards), got mode={mode!r}")
+        self.fill_batch, self.staleness = fill_batch, int(staleness)
         self.history = LossHistory(history_size)
         self.generator = None
 
@@ -269,6 +394,9 @@ def selective_backprop(self:Learner,
                        seed:int|None=None, # Seed of the callback's random generator
                        per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
                        mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                       fill_batch:bool=False, # Queue kept samples across batches and train full batches ('subset' mode)
+                       staleness:int=0, # Reuse losses scored up to this many epochs ago instead of scoring again ('subset' mode)
                       ) -> Learner:
     "Keep each sample with probability (loss percentile) ** `beta` (Selective-Backprop)"
-    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, per_sample_loss_func, mode))
+    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, per_sample_loss_func, mode,
+                                                           fill_batch, staleness))

@@ -14,7 +14,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['check_unit_interval', 'check_top_k', 'check_beta', 'batch_size', 'per_sample_loss', 'select_loss_fraction',
            'top_k_count', 'select_top_k', 'selective_backprop_probs', 'select_selective_backprop', 'LossHistory',
-           'subset_batch']
+           'subset_batch', 'concat_batches']
 
 # %% ../nbs/00_core.ipynb #c006
 def check_unit_interval(name:str, value, low_open:bool=False) -> float:
@@ -85,6 +85,9 @@ def per_sample_loss(loss_func, # Loss with a `reduction` attribute or argument, 
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise TypeError(f"{_loss_name(loss_func)} returned {shape} for a batch of {n} samples, which is not one or more "
                         f"values per sample. {_how_to_fix}")
+    # fastai's losses return a `TensorBase`, whose every later op (the rule's sort, cumsum, indexing) would go
+    # through its Python `__torch_function__`: a plain view of it keeps the autograd graph and skips that cost
+    if type(loss) is not Tensor: loss = loss.as_subclass(Tensor)
     return loss.reshape(n, -1).float().mean(1)
 
 # %% ../nbs/00_core.ipynb #c017
@@ -204,3 +207,16 @@ def subset_batch(b, # A tensor, or tuples, lists and dicts of them
     if isinstance(b, tuple) and hasattr(b, '_fields'): return type(b)(*(subset_batch(o, idx) for o in b))
     if isinstance(b, (list, tuple)): return type(b)(subset_batch(o, idx) for o in b)
     return b
+
+# %% ../nbs/00_core.ipynb #c032
+def concat_batches(batches:list, # Batches of the same structure (tensors, or tuples, lists and dicts of them)
+                  ):
+    "One batch holding the samples of `batches` in order: every tensor concatenated along its first dimension"
+    first = batches[0]
+    if len(batches) == 1: return first
+    if isinstance(first, Tensor): return torch.cat(batches) if first.ndim else first
+    if isinstance(first, dict): return {k: concat_batches([b[k] for b in batches]) for k in first}
+    parts = [concat_batches(list(o)) for o in zip(*batches)] if isinstance(first, (list, tuple)) else None
+    if isinstance(first, tuple) and hasattr(first, '_fields'): return type(first)(*parts)
+    if isinstance(first, (list, tuple)): return type(first)(parts)
+    return first
