@@ -1,0 +1,320 @@
+"Subset mode (score, then train on the kept samples), Selective-Backprop's `fill_batch` and `staleness`."
+import copy, math
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from fastcore.basics import noop
+from fastai.torch_core import set_seed
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import ProgressCallback
+from fastai_hardmine.callback import (HardMiningCallback, BatchLossFilterCallback, TopKCallback,
+                                      SelectiveBackpropCallback)
+from fastai_hardmine.core import select_top_k, select_loss_fraction
+from fastai_hardmine.data import TensorDataLoader, IndexedTensors
+from test_callback import digits, make_learner, mlp_bn, state, assert_same_state, ce_none, Recording
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+RULES = {
+    'top_k': lambda **kw: TopKCallback(16, mode='subset', **kw),
+    'loss_filter': lambda **kw: BatchLossFilterCallback(0.6, mode='subset', **kw),
+    'selective': lambda **kw: SelectiveBackpropCallback(beta=2, seed=0, mode='subset', **kw),
+}
+
+class Snapshots(Callback):
+    "Model buffers and mode at two points of each training batch: before scoring (order -100) and just before fastai's forward"
+    def __init__(self, order): self.order, self.run_valid, self.snaps = order, False, []
+    def before_batch(self): self.snaps.append((state_buffers(self.learn.model), self.learn.model.training))
+
+def state_buffers(model): return [b.detach().clone() for b in model.buffers()]
+
+class TrainedBatches(Callback):
+    "The batch fastai's own forward ran on, per training step"
+    order, run_valid = 60, False
+    def __init__(self): self.batches = []
+    def after_pred(self): self.batches.append((self.learn.xb, self.learn.yb))
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring leaves the model as it was
+
+@pytest.mark.parametrize('rule', RULES)
+def test_scoring_leaves_buffers_and_mode(rule):
+    "Between the batch start and fastai's forward (i.e. across the scoring forward) no buffer or mode changes"
+    learn = make_learner(cbs=RULES[rule](), model_fn=mlp_bn)
+    before, after = Snapshots(-100), Snapshots(80)
+    start = state(learn.model)
+    learn.fit(1, 1e-2, cbs=[before, after])
+    assert learn.hard_miner.scored.sum() == learn.hard_miner.batch_sizes.sum() > 0
+    assert len(before.snaps) == len(after.snaps) == len(learn.hard_miner.batch_sizes)
+    for (b0, m0), (b1, m1) in zip(before.snaps, after.snaps):
+        assert m0 and m1
+        assert len(b0) == 3
+        for x, y in zip(b0, b1): assert torch.equal(x, y)
+    # ... while the training forwards did update them, once per step
+    assert learn.model[1].num_batches_tracked.item() == len(before.snaps)
+    assert not torch.equal(start['1.running_mean'], learn.model[1].running_mean)
+
+@pytest.mark.parametrize('rule', RULES)
+def test_state_restored_after_subset_fit(rule):
+    learn = make_learner(cbs=RULES[rule]())
+    loss_func = learn.loss_func
+    learn.fit(2, 1e-2)
+    assert learn.loss_func is loss_func and loss_func.reduction == 'mean' and learn.model.training is False
+
+# ---------------------------------------------------------------------------------------------------------------
+# the step's gradient equals plain PyTorch on the kept samples
+
+class StopBeforeStep(Callback):
+    order, run_valid = 100, False
+    def before_step(self):
+        self.batch = self.learn.xb, self.learn.yb
+        self.grads = [p.grad.detach().clone() for p in self.learn.model.parameters()]
+        raise CancelFitException()
+
+def full_first_batch(learn):
+    "The first training batch, as the loader gives it (before any callback)"
+    class First(Callback):
+        order = -100
+        def before_batch(self):
+            self.b = self.learn.xb, self.learn.yb
+            raise CancelFitException()
+    first = First()
+    learn.fit(1, cbs=first)
+    return first.b
+
+@pytest.mark.parametrize('rule, select', [('top_k', lambda l: select_top_k(l, 16)),
+                                          ('loss_filter', lambda l: select_loss_fraction(l, 0.6))])
+@pytest.mark.parametrize('model_fn', ['mlp', 'mlp_bn'])
+def test_gradient_equals_plain_pytorch_on_kept(rule, select, model_fn):
+    from test_callback import mlp
+    make = {'mlp': mlp, 'mlp_bn': mlp_bn}[model_fn]
+    (xb, yb) = full_first_batch(make_learner(model_fn=make))
+    learn = make_learner(cbs=RULES[rule](), model_fn=make)
+    ref = copy.deepcopy(learn.model).train()
+    stop = StopBeforeStep()
+    learn.fit(1, 1e-2, cbs=stop)
+    # independent reference: score in train mode on a copy, select, train the copy's twin on exactly those
+    with torch.no_grad(): scores = F.cross_entropy(copy.deepcopy(ref)(*xb), *yb, reduction='none')
+    idx = select(scores)
+    assert 0 < len(idx) < len(scores)
+    assert torch.equal(stop.batch[0][0], xb[0][idx]) and torch.equal(stop.batch[1][0], yb[0][idx])
+    F.cross_entropy(ref(xb[0][idx]), yb[0][idx]).backward()
+    for g, p in zip(stop.grads, ref.parameters()): torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+def test_logged_loss_is_whole_batch_scoring_mean():
+    class Logged(Callback):
+        order, run_valid = 95, False
+        def __init__(self): self.losses = []
+        def after_loss(self): self.losses.append(self.learn.loss.item())
+    (xb, yb) = full_first_batch(make_learner())
+    learn = make_learner(cbs=RULES['top_k']())
+    ref = copy.deepcopy(learn.model).train()
+    logged = Logged()
+    learn.fit(1, 1e-2, cbs=logged)
+    with torch.no_grad(): expected = F.cross_entropy(ref(*xb), *yb).item()
+    assert logged.losses[0] == pytest.approx(expected, rel=1e-6)
+
+# ---------------------------------------------------------------------------------------------------------------
+# multi-input, multi-target, mixed dtypes
+
+class TabularLike(nn.Module):
+    "Categorical (long) + continuous (float) inputs, two targets"
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(1000, 4), nn.Linear(3, 4)
+        self.head_a, self.head_b = nn.Linear(8, 5), nn.Linear(8, 1)
+    def forward(self, cat, cont):
+        h = torch.cat([self.emb(cat[:, 0]), self.lin(cont)], 1).relu()
+        return self.head_a(h), self.head_b(h).squeeze(1)
+
+def two_target_loss(pred, ya, yb, reduction='mean'):
+    loss = F.cross_entropy(pred[0], ya, reduction='none') + F.mse_loss(pred[1], yb, reduction='none')
+    return loss if reduction == 'none' else loss.mean() if reduction == 'mean' else loss.sum()
+
+def tabular_data(n=200):
+    "Every tensor carries the sample id, so a consistent cut keeps rows that agree"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(n)
+    cat = torch.stack([ids, ids % 7], 1)                       # long
+    cont = torch.cat([ids[:, None].double(), torch.randn(n, 2, generator=g, dtype=torch.float64)], 1).float()
+    ya, yb = ids % 5, ids.float()
+    return cat, cont, ya, yb
+
+def tabular_learner(cb, bs=32, drop_last=False, n=200):
+    cat, cont, ya, yb = tabular_data(n)
+    dl = TensorDataLoader(IndexedTensors(cat, cont, ya, yb), bs=bs, shuffle=True, drop_last=drop_last)
+    valid = TensorDataLoader(IndexedTensors(cat[:32], cont[:32], ya[:32], yb[:32]), bs=bs)
+    set_seed(0)
+    dls = DataLoaders(dl, valid)
+    dls.n_inp = 2
+    learn = Learner(dls, TabularLike(), loss_func=two_target_loss, cbs=cb)
+    learn.remove_cb(ProgressCallback)
+    learn.logger = noop
+    return learn
+
+@pytest.mark.parametrize('rule', RULES)
+def test_multi_input_multi_target_cut_consistently(rule):
+    learn = tabular_learner(RULES[rule](per_sample_loss_func=lambda p, ya, yb: two_target_loss(p, ya, yb, 'none')))
+    trained = TrainedBatches()
+    learn.fit(1, 1e-3, cbs=trained)
+    miner = learn.hard_miner
+    assert miner.kept.sum() < miner.batch_sizes.sum()
+    assert [len(b[1][0]) for b in trained.batches] == miner.kept.tolist() == miner.trained.tolist()
+    for (cat, cont), (ya, yb) in trained.batches:
+        assert cat.dtype == torch.long and cont.dtype == torch.float32
+        ids = cat[:, 0]
+        assert torch.equal(cont[:, 0].long(), ids) and torch.equal(ya, ids % 5) and torch.equal(yb.long(), ids)
+        assert len(set(ids.tolist())) == len(ids)
+
+# ---------------------------------------------------------------------------------------------------------------
+# autocast: the scoring forward runs in the same precision context as the step
+
+class CpuAutocast(MixedPrecision):
+    "`MixedPrecision` with a CPU bfloat16 autocast (fastai's own autocasts for CUDA only)"
+    def before_fit(self):
+        self.autocast = torch.autocast('cpu', dtype=torch.bfloat16)
+        self.learn.scaler, self.scales = torch.amp.GradScaler('cpu', enabled=False), []
+
+def test_scoring_runs_under_mixed_precision_autocast():
+    seen = []
+    def per_sample(pred, y):
+        seen.append((torch.is_autocast_enabled('cpu'), pred.dtype))
+        return F.cross_entropy(pred.float(), y, reduction='none')
+    learn = make_learner(cbs=[CpuAutocast(), TopKCallback(16, per_sample_loss_func=per_sample, mode='subset')])
+    learn.fit(1, 1e-2)
+    assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)
+    assert not torch.is_autocast_enabled('cpu')
+
+def test_fill_batch_leaves_autocast_when_deferring():
+    "A deferred batch skips `after_loss`, where MixedPrecision leaves its autocast: the callback leaves it instead"
+    class Check(Callback):
+        order = -100
+        def __init__(self): self.states = []
+        def before_batch(self): self.states.append(torch.is_autocast_enabled('cpu'))
+    check = Check()
+    learn = make_learner(cbs=[CpuAutocast(), SelectiveBackpropCallback(2, seed=0, mode='subset', fill_batch=True), check])
+    learn.fit(2, 1e-2)
+    assert (learn.hard_miner.trained == 0).any()
+    assert not any(check.states) and not torch.is_autocast_enabled('cpu')
+
+# ---------------------------------------------------------------------------------------------------------------
+# fill_batch
+
+class RecordIds(Recording, SelectiveBackpropCallback):
+    "Selective-Backprop recording, per loader batch, the ids of the kept samples and all (id, loss) pairs"
+    def select(self, losses):
+        idx = super().select(losses)
+        ids = self.xb[0][:, 0]
+        self.log.append((self.epoch, ids.clone(), losses.clone(), ids[idx].clone()))
+        return idx
+    def reset(self):
+        super().reset()
+        self.log = []
+
+@pytest.mark.parametrize('n, bs, drop_last', [(200, 32, False), (192, 32, False), (200, 32, True)])
+def test_fill_batch_trains_every_kept_sample_once_per_epoch(n, bs, drop_last):
+    cb = RecordIds(beta=1, seed=0, mode='subset', fill_batch=True,
+                   per_sample_loss_func=lambda p, ya, yb: two_target_loss(p, ya, yb, 'none'))
+    learn = tabular_learner(cb, bs=bs, drop_last=drop_last, n=n)
+    trained = TrainedBatches()
+    epochs = 3
+    learn.fit(epochs, 1e-3, cbs=trained)
+    n_batches = n // bs if drop_last else math.ceil(n / bs)
+    assert len(cb.log) == epochs * n_batches == len(cb.trained)
+    steps = iter(trained.batches)
+    for e in range(epochs):
+        kept = torch.cat([k for ep, _, _, k in cb.log if ep == e]).tolist()
+        trained_e = cb.trained[e * n_batches:(e + 1) * n_batches].tolist()
+        ids = torch.cat([next(steps)[0][0][:, 0] for _ in range(sum(t > 0 for t in trained_e))]).tolist()
+        # the kept samples, each exactly once, in the order they were kept
+        assert ids == kept
+        # full batches of the loader's size, and whatever is left trained on the epoch's last batch
+        assert all(t in (0, bs) for t in trained_e[:-1]) and trained_e[-1] > 0
+        assert sum(trained_e) == len(kept)
+    assert next(steps, None) is None
+    assert (cb.trained == 0).any() and cb.kept.sum() < cb.batch_sizes.sum()
+
+def test_fill_batch_logs_every_batch_loss():
+    learn = make_learner(cbs=SelectiveBackpropCallback(2, seed=0, mode='subset', fill_batch=True))
+    learn.fit(1, 1e-2)
+    n = len(learn.hard_miner.batch_sizes)
+    assert len(learn.recorder.losses) == n and all(math.isfinite(float(l)) for l in learn.recorder.losses)
+    assert (learn.hard_miner.trained == 0).sum() > 0
+
+# ---------------------------------------------------------------------------------------------------------------
+# staleness
+
+@pytest.mark.parametrize('n, bs, drop_last', [(200, 32, False), (192, 32, False), (200, 32, True)])
+@pytest.mark.parametrize('staleness', [1, 2])
+def test_staleness_reuses_cached_losses_aligned_with_samples(n, bs, drop_last, staleness):
+    cb = RecordIds(beta=1, seed=0, mode='subset', staleness=staleness,
+                   per_sample_loss_func=lambda p, ya, yb: two_target_loss(p, ya, yb, 'none'))
+    learn = tabular_learner(cb, bs=bs, drop_last=drop_last, n=n)
+    epochs = 2 * (staleness + 1)
+    learn.fit(epochs, 1e-3)
+    n_batches = n // bs if drop_last else math.ceil(n / bs)
+    scored = cb.scored.view(epochs, n_batches).sum(1).tolist()
+    last_scored = {}   # id -> (epoch, loss) when its loss was last computed
+    for e in range(epochs):
+        batches = [(ids, losses) for ep, ids, losses, _ in cb.log if ep == e]
+        seen = torch.cat([ids for ids, _ in batches]).tolist()
+        assert seen != sorted(seen)  # shuffled: batches differ from one epoch to the next
+        fresh = [i for i in seen if i in last_scored and e - last_scored[i][0] <= staleness]
+        # only the samples without a fresh enough loss were forwarded for scoring
+        assert scored[e] == len(seen) - len(fresh)
+        for ids, losses in batches:
+            for i, l in zip(ids.tolist(), losses.tolist()):
+                if i in fresh: assert l == last_scored[i][1], f"epoch {e}: sample {i} got another sample's loss"
+                else: last_scored[i] = (e, l)
+    # every epoch starts fully scored or fully cached, except drop_last's never-seen samples
+    assert scored[0] == n_batches * bs if drop_last else n
+    assert scored[1] < scored[0]
+
+def test_stale_step_runs_no_scoring_forward():
+    forwards = []
+    learn = make_learner(cbs=SelectiveBackpropCallback(2, seed=0, mode='subset', staleness=1))
+    learn.model[0].register_forward_hook(lambda m, i, o: forwards.append((learn.epoch, learn.training, len(i[0]))))
+    learn.fit(2, 1e-2)
+    miner = learn.hard_miner
+    nb = len(miner.batch_sizes) // 2
+    train1 = [n for e, t, n in forwards if e == 1 and t]
+    # epoch 1: fastai's forward on the kept samples only, one per batch
+    assert train1 == miner.kept[nb:].tolist() == miner.trained[nb:].tolist()
+    assert miner.scored[nb:].sum() == 0 and miner.scored[:nb].sum() == miner.batch_sizes[:nb].sum()
+
+def test_staleness_needs_fastai_dataloader_indices():
+    class PlainIdx(TensorDataLoader):
+        "A loader that forgets its index order, as a non-fastai loader would not have one"
+        def __iter__(self):
+            for b in super().__iter__():
+                self.__dict__.pop('_DataLoader__idxs', None)
+                yield b
+    x, y = digits()[:2]
+    dls = DataLoaders(PlainIdx(IndexedTensors(x, y), bs=64, shuffle=True), TensorDataLoader(IndexedTensors(x, y), bs=64))
+    learn = Learner(dls, nn.Linear(64, 10), loss_func=CrossEntropyLossFlat(),
+                    cbs=SelectiveBackpropCallback(2, mode='subset', staleness=1))
+    learn.remove_cb(ProgressCallback)
+    with pytest.raises(TypeError, match='`staleness` needs the dataset indices'): learn.fit(1)
+    assert learn.loss_func.reduction == 'mean'
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(staleness=1, mode='mask'), "need mode='subset'"), (dict(fill_batch=True, mode='mask'), "need mode='subset'"),
+    (dict(staleness=-1, mode='subset'), '`staleness` must be an int >= 0'),
+    (dict(staleness=1.5, mode='subset'), '`staleness` must be an int >= 0'),
+    (dict(staleness=True, mode='subset'), '`staleness` must be an int >= 0'),
+    (dict(fill_batch=1, mode='subset'), '`fill_batch` must be True or False'),
+])
+def test_bad_fill_batch_and_staleness(kwargs, match):
+    with pytest.raises(ValueError, match=match): SelectiveBackpropCallback(**kwargs)
+    with pytest.raises(ValueError, match=match): make_learner().selective_backprop(**kwargs)
