@@ -7,8 +7,11 @@ arms alternating so that machine drift hits them alike) of:
   floor       plain PyTorch: no-grad forward of the batch + training step on the kept samples
   subset      fastai step with TopKCallback(k, mode='subset')
   mask        fastai step with TopKCallback(k, mode='mask')
-  k-step      fastai step on a batch of k samples: what a step costs with no scoring forward at all
-              (the cost a stale-loss step reduces to)
+  stale       fastai step with SelectiveBackpropCallback(beta, mode='subset', staleness=1) in its second
+              epoch, where every loss comes from the first epoch's table (no scoring forward); beta =
+              1/keep - 1, so that the expected kept share, 1/(beta+1), is the row's keep share (the share
+              it really kept is printed)
+  k-step      fastai step on a batch of k samples: a plain step of the kept size, for reference
 
 Ratios are to the plain fastai step, and subset/floor. Usage:
 
@@ -24,7 +27,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
-from fastai_hardmine.callback import TopKCallback
+from fastai_hardmine.callback import TopKCallback, SelectiveBackpropCallback
 from fastai_hardmine.data import TensorDataLoader, IndexedTensors
 
 BS = 512
@@ -57,8 +60,8 @@ class StepTimerEnd(Callback):
             sync(self.timer.device)
             self.timer.times.append(time.perf_counter() - self.timer.start)
 
-def fastai_steps(make_model, x, y, bs, steps, device, cb=None):
-    "Per-step times of `steps` fastai training steps (the first two are warm-up and dropped)"
+def fastai_steps(make_model, x, y, bs, steps, device, cb=None, epochs=1):
+    "Per-step times of the last epoch's `steps` fastai training steps (the first two are warm-up and dropped)"
     dl = TensorDataLoader(IndexedTensors(x, y), bs=bs, shuffle=True, drop_last=True, device=device)
     valid = TensorDataLoader(IndexedTensors(x[:bs], y[:bs]), bs=bs, device=device)
     learn = Learner(DataLoaders(dl, valid, device=device), make_model().to(device), loss_func=CrossEntropyLossFlat(),
@@ -66,8 +69,9 @@ def fastai_steps(make_model, x, y, bs, steps, device, cb=None):
     if cb is not None: learn.add_cb(cb)
     timer = StepTimer(device)
     with learn.no_bar(), learn.no_logging():
-        learn.fit(1, cbs=[timer, StepTimerEnd(timer)])
-    return timer.times[2:]
+        learn.fit(epochs, cbs=[timer, StepTimerEnd(timer)])
+    if cb is not None and epochs > 1: fastai_steps.kept_share = cb.kept[-len(dl):].sum().item() / (bs * len(dl))
+    return timer.times[-len(dl):][2:]
 
 def floor_steps(make_model, x, y, k, steps, device):
     "Per-step times in plain PyTorch: no-grad forward of the batch, then a training step on its top k"
@@ -108,24 +112,31 @@ def main():
                 'floor': lambda: floor_steps(make_model, x, y, k, args.steps, device),
                 'subset': lambda: fastai_steps(make_model, x, y, BS, args.steps, device, TopKCallback(k, mode='subset')),
                 'mask': lambda: fastai_steps(make_model, x, y, BS, args.steps, device, TopKCallback(k, mode='mask')),
+                'stale': lambda: fastai_steps(make_model, x, y, BS, args.steps, device, epochs=2, cb=SelectiveBackpropCallback(
+                    1 / share - 1, seed=0, mode='subset', staleness=1)),
                 'k-step': lambda: fastai_steps(make_model, x[:k * args.steps], y[:k * args.steps], k, args.steps, device),
             }
-            times = {a: [] for a in arms}
+            times, stale_kept = {a: [] for a in arms}, []
             for _ in range(args.rounds):
-                for a, run in arms.items(): times[a] += run()
+                for a, run in arms.items():
+                    fastai_steps.kept_share = 1.
+                    times[a] += run()
+                    if a == 'stale': stale_kept.append(fastai_steps.kept_share)
             med = {a: statistics.median(t) for a, t in times.items()}
             row = dict(model=model_name, keep=share_name, k=k, **{f'{a}_s': v for a, v in med.items()},
                        subset_vs_fastai=med['subset'] / med['fastai'], subset_vs_floor=med['subset'] / med['floor'],
-                       mask_vs_fastai=med['mask'] / med['fastai'], kstep_vs_fastai=med['k-step'] / med['fastai'])
+                       mask_vs_fastai=med['mask'] / med['fastai'], stale_vs_fastai=med['stale'] / med['fastai'],
+                       stale_kept_share=statistics.mean(stale_kept), kstep_vs_fastai=med['k-step'] / med['fastai'])
             results.append(row)
-    head = ('| model | keep | fastai (ms) | floor (ms) | subset (ms) | mask (ms) | k-step (ms) | subset/fastai | '
-            'subset/floor | mask/fastai | k-step/fastai |')
+    head = ('| model | keep | fastai (ms) | floor (ms) | subset (ms) | mask (ms) | stale (ms) | k-step (ms) | subset/fastai | '
+            'subset/floor | mask/fastai | stale/fastai (kept) | k-step/fastai |')
     print(head)
-    print('|' + ' --- |' * 2 + ' ---: |' * 9)
+    print('|' + ' --- |' * 2 + ' ---: |' * 11)
     for r in results:
         print(f"| {r['model']} | {r['keep']} | {r['fastai_s']*1e3:.1f} | {r['floor_s']*1e3:.1f} | {r['subset_s']*1e3:.1f} | "
-              f"{r['mask_s']*1e3:.1f} | {r['k-step_s']*1e3:.1f} | {r['subset_vs_fastai']:.2f} | {r['subset_vs_floor']:.2f} | "
-              f"{r['mask_vs_fastai']:.2f} | {r['kstep_vs_fastai']:.2f} |")
+              f"{r['mask_s']*1e3:.1f} | {r['stale_s']*1e3:.1f} | {r['k-step_s']*1e3:.1f} | {r['subset_vs_fastai']:.2f} | "
+              f"{r['subset_vs_floor']:.2f} | {r['mask_vs_fastai']:.2f} | {r['stale_vs_fastai']:.2f} ({r['stale_kept_share']:.2f}) | "
+              f"{r['kstep_vs_fastai']:.2f} |")
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(), batch_size=BS,

@@ -42,7 +42,7 @@ class HardMiningCallback(Callback):
 
     def __init__(self,
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
-                 mode:str='mask', # 'mask': mask the loss after the full forward; 'subset': score first, then train on the kept samples only
+                 mode:str='subset', # 'subset': score first, then train on the kept samples only; 'mask': mask the loss after the full forward
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
@@ -295,7 +295,7 @@ class BatchLossFilterCallback(HardMiningCallback):
                  min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                  min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                 mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                 mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
                 ):
         super().__init__(per_sample_loss_func, mode)
         self.min_loss_perc = check_unit_interval('min_loss_perc', min_loss_perc, low_open=True)
@@ -310,7 +310,7 @@ class TopKCallback(HardMiningCallback):
     def __init__(self,
                  k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                 mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                 mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
                 ):
         super().__init__(per_sample_loss_func, mode)
         self.k = check_top_k(k)
@@ -326,7 +326,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  history_size:int=1024, # Recent losses the percentile is taken over, >= 1
                  seed:int|None=None, # Seed of the callback's own random generator; default: drawn from torch's global RNG
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                 mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                 mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
                  fill_batch:bool=False, # Queue kept samples across batches and train full batches of the loader's size ('subset' mode)
                  staleness:int=0, # Reuse a sample's loss scored up to this many epochs ago instead of scoring it again ('subset' mode)
                 ):
@@ -358,7 +358,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
 
     def keeps_all(self, n): return self.beta == 0
 
-# %% ../nbs/01_callback.ipynb #c019
+# %% ../nbs/01_callback.ipynb #c020
 @patch(as_prop=True)
 def hard_miner(self:Learner) -> HardMiningCallback|None:
     "The hard-mining callback of this Learner, or None"
@@ -373,7 +373,7 @@ def batch_loss_filter(self:Learner,
                       min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                       min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
                       per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                      mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                      mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
                      ) -> Learner:
     "Train on the highest-loss samples carrying `min_loss_perc` of each batch's loss"
     return _use_hard_miner(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, per_sample_loss_func, mode))
@@ -382,7 +382,7 @@ def batch_loss_filter(self:Learner,
 def top_k(self:Learner,
           k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
           per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-          mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+          mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
          ) -> Learner:
     "Train on the `k` highest-loss samples of each batch"
     return _use_hard_miner(self, TopKCallback(k, per_sample_loss_func, mode))
@@ -393,7 +393,7 @@ def selective_backprop(self:Learner,
                        history_size:int=1024, # Recent losses the percentile is taken over, >= 1
                        seed:int|None=None, # Seed of the callback's random generator
                        per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                       mode:str='mask', # 'mask' (loss masked after the full forward) or 'subset' (train on the kept samples only)
+                       mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
                        fill_batch:bool=False, # Queue kept samples across batches and train full batches ('subset' mode)
                        staleness:int=0, # Reuse losses scored up to this many epochs ago instead of scoring again ('subset' mode)
                       ) -> Learner:

@@ -20,11 +20,29 @@ from fastai.callback.training import GradientAccumulation
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.rnn import rnn_cbs
 from fastai.callback.schedule import lr_find, fit_one_cycle  # noqa: F401 (patch Learner)
-from fastai_hardmine.callback import (HardMiningCallback, BatchLossFilterCallback, TopKCallback,
-                                      SelectiveBackpropCallback)
+from fastai_hardmine import callback as hm
+from fastai_hardmine.callback import HardMiningCallback
 from fastai_hardmine.core import select_top_k, select_loss_fraction
 
 BS = 64
+
+# This file tests mask mode (the loss masked after fastai's full forward); tests/test_subset.py tests the
+# default, subset mode. The callbacks and Learner methods here default to mask mode.
+def _mask_default(cls):
+    class Mask(cls):
+        def __init__(self, *args, mode='mask', **kwargs): super().__init__(*args, mode=mode, **kwargs)
+    Mask.__name__ = Mask.__qualname__ = cls.__name__
+    return Mask
+
+BatchLossFilterCallback, TopKCallback, SelectiveBackpropCallback = map(
+    _mask_default, (hm.BatchLossFilterCallback, hm.TopKCallback, hm.SelectiveBackpropCallback))
+
+@pytest.fixture(autouse=True)
+def mask_mode_learner_methods(monkeypatch):
+    for name in ('batch_loss_filter', 'top_k', 'selective_backprop'):
+        def masked(self, *args, _method=getattr(Learner, name), mode='mask', **kwargs):
+            return _method(self, *args, mode=mode, **kwargs)
+        monkeypatch.setattr(Learner, name, masked)
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -644,24 +662,24 @@ def test_learner_methods_return_learner_and_replace():
     assert learn.hard_miner is None
     assert learn.top_k(4) is learn
     first = learn.hard_miner
-    assert isinstance(first, TopKCallback) and first.k == 4 and miners(learn) == [first] and first.learn is learn
+    assert isinstance(first, hm.TopKCallback) and first.k == 4 and miners(learn) == [first] and first.learn is learn
     assert learn.top_k(0.5) is learn
     assert miners(learn) == [learn.hard_miner] and learn.hard_miner is not first and learn.hard_miner.k == 0.5
     f = lambda p, t: F.cross_entropy(p, t, reduction='none')
     assert learn.batch_loss_filter(0.8, 0.2, per_sample_loss_func=f) is learn
     cb = learn.hard_miner
-    assert isinstance(cb, BatchLossFilterCallback) and miners(learn) == [cb]
+    assert isinstance(cb, hm.BatchLossFilterCallback) and miners(learn) == [cb]
     assert (cb.min_loss_perc, cb.min_sample_perc, cb.per_sample_loss_func) == (0.8, 0.2, f)
     assert learn.selective_backprop(2, 128, 7) is learn
     cb = learn.hard_miner
-    assert isinstance(cb, SelectiveBackpropCallback) and miners(learn) == [cb]
+    assert isinstance(cb, hm.SelectiveBackpropCallback) and miners(learn) == [cb]
     assert (cb.beta, cb.history.size, cb.seed) == (2., 128, 7)
     learn.fit(1, 1e-2)  # the replaced callbacks do nothing
     assert len(cb.kept) == len(learn.dls.train) and len(first.kept) == 0
 
 def test_learner_methods_chain():
     learn = make_learner().top_k(4).selective_backprop(beta=1, seed=0).batch_loss_filter(0.7)
-    assert isinstance(learn, Learner) and isinstance(learn.hard_miner, BatchLossFilterCallback)
+    assert isinstance(learn, Learner) and isinstance(learn.hard_miner, hm.BatchLossFilterCallback)
     assert len(miners(learn)) == 1
     learn.fit(1, 1e-2)
     assert (learn.hard_miner.kept_loss_share >= 0.7 - 1e-6).all()

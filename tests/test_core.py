@@ -711,3 +711,25 @@ def test_subset_batch_matches_selection_rule():
 ])
 def test_batch_size(b, expected):
     assert batch_size(b) == expected
+
+def test_per_sample_loss_of_fastai_loss_is_a_plain_tensor_with_its_graph():
+    "fastai losses return `TensorBase`; the rules' ops on it would each pay its Python `__torch_function__`"
+    from fastai.losses import CrossEntropyLossFlat
+    pred, y = torch.randn(6, 4, requires_grad=True), torch.randint(0, 4, (6,))
+    losses = per_sample_loss(CrossEntropyLossFlat(), pred, y)
+    assert type(losses) is torch.Tensor
+    losses.sum().backward()
+    expected = torch.autograd.grad(F.cross_entropy(pred, y, reduction='sum'), pred)[0]
+    torch.testing.assert_close(pred.grad, expected)
+
+@pytest.mark.parametrize('sizes', [[1], [2, 3], [4, 1, 2]])
+def test_concat_batches_undoes_subset_batch(sizes):
+    from fastai_hardmine.core import concat_batches
+    n = sum(sizes)
+    b = ((torch.arange(n)[:, None].repeat(1, 3), torch.arange(n).double()), {'y': [torch.arange(n) % 2]}, torch.tensor(7.))
+    cuts = torch.arange(n).split(sizes)
+    parts = [subset_batch(b, c) for c in cuts]
+    out = concat_batches(parts)
+    assert torch.equal(out[0][0], b[0][0]) and out[0][1].dtype == torch.float64 and torch.equal(out[0][1], b[0][1])
+    assert torch.equal(out[1]['y'][0], b[1]['y'][0]) and out[2].item() == 7.
+    assert type(out) is tuple and type(out[1]['y']) is list

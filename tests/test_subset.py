@@ -318,3 +318,10 @@ def test_staleness_needs_fastai_dataloader_indices():
 def test_bad_fill_batch_and_staleness(kwargs, match):
     with pytest.raises(ValueError, match=match): SelectiveBackpropCallback(**kwargs)
     with pytest.raises(ValueError, match=match): make_learner().selective_backprop(**kwargs)
+
+def test_subset_is_the_default_mode():
+    assert all(make().mode == 'subset' for make in (lambda: TopKCallback(4), BatchLossFilterCallback, SelectiveBackpropCallback))
+    learn = make_learner()
+    for add in (lambda: learn.top_k(4), learn.batch_loss_filter, learn.selective_backprop):
+        assert add().hard_miner.mode == 'subset'
+    with pytest.raises(ValueError, match='`mode` must be one of'): TopKCallback(4, mode='drop')
