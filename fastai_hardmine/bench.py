@@ -1,4 +1,4 @@
-"""`hardmine-bench`: the same model trained with plain fastai and with each hard-mining rule, side by side.
+"""`hardmine-bench`: the three seed experiments, each rule side by side with plain fastai, on data that needs no download.
 
 Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench.html.md"""
 
@@ -6,83 +6,663 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench.html.md"""
 
 # %% ../nbs/04_bench.ipynb #c003
 from __future__ import annotations
-import argparse, copy, sys, time
+import argparse, copy, json, math, os, platform, statistics, sys, time
+from contextlib import contextmanager
+from pathlib import Path
+import numpy as np
 import torch
-from torch import nn
+from torch import nn, Tensor
+import torch.nn.functional as F
+import fastai
 from fastai.torch_core import set_seed
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
+from fastai.optimizer import Adam, SGD
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (adds Learner.fit_one_cycle)
 from fastai.callback.progress import ProgressCallback  # noqa: F401 (adds Learner.no_bar)
+from .core import per_sample_loss, select_top_k
 from .callback import *
-from .data import digits_dls
+from .data import TensorDataLoader, IndexedTensors, digits_data
 
 # %% auto #0
-__all__ = ['DEMO_ARMS', 'digits_mlp', 'run_demo', 'format_table', 'main']
-
-# %% ../nbs/04_bench.ipynb #c004
-DEMO_ARMS = {
-    'plain fastai': lambda learn: learn,
-    'batch_loss_filter(0.9)': lambda learn: learn.batch_loss_filter(0.9),
-    'top_k(0.5)': lambda learn: learn.top_k(0.5),
-    'selective_backprop(beta=3)': lambda learn: learn.selective_backprop(beta=3, seed=0),
-}
-
-def digits_mlp(hidden:int=256) -> nn.Module:
-    "The demo's model: an MLP 64→`hidden`→10 for 8×8 digits"
-    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-# %% ../nbs/04_bench.ipynb #c005
-def run_demo(epochs:int=20, # Epochs of one-cycle training per arm
-             bs:int=64, # Batch size
-             lr:float=3e-3, # Peak learning rate
-             seed:int=0, # Seed of the initial weights, the data split and the data order
-             arms:dict|None=None, # Arm name -> function adding a rule to a Learner; default `DEMO_ARMS`
-            ) -> list[dict]:
-    "Train the digits MLP once per arm from the same start; one result row per arm"
-    arms = DEMO_ARMS if arms is None else arms
-    set_seed(seed)
-    init = digits_mlp().state_dict()
-    rows = []
-    for name, add_rule in arms.items():
-        model = digits_mlp()
-        model.load_state_dict(copy.deepcopy(init))
-        learn = add_rule(Learner(digits_dls(bs=bs, seed=seed), model, loss_func=CrossEntropyLossFlat(), metrics=accuracy))
-        set_seed(seed)  # same data order for every arm
-        start = time.perf_counter()
-        with learn.no_bar(), learn.no_logging():
-            learn.fit_one_cycle(epochs, lr)
-            wall = time.perf_counter() - start
-            valid_loss, acc = learn.validate()
-        miner = getattr(learn, 'hard_miner', None)
-        rows.append(dict(arm=name, accuracy=float(acc), valid_loss=float(valid_loss), wall_s=wall,
-                         kept_share=miner.mean_kept_share() if miner is not None else 1.))
-    return rows
+__all__ = ['OPTIMIZERS', 'TASKS', 'mnist1d_data', 'bench_data', 'flip_labels', 'bench_dls', 'SoftmaxL2Loss', 'mlp', 'ResBlock1d',
+           'ResNet1d', 'BenchRecorder', 'time_to_accuracy', 'speed_up', 'train_arm', 'bench_config', 'loss_histogram',
+           'run_task', 'format_task_table', 'plot_task', 'main']
 
 # %% ../nbs/04_bench.ipynb #c006
-def format_table(rows:list[dict]) -> str:
-    "The demo's rows as a markdown table"
-    lines = ['| arm | accuracy | valid loss | wall time (s) | kept share |', '| --- | ---: | ---: | ---: | ---: |']
-    lines += [f"| {r['arm']} | {r['accuracy']:.4f} | {r['valid_loss']:.4f} | {r['wall_s']:.2f} | {r['kept_share']:.3f} |"
-              for r in rows]
-    return '\n'.join(lines)
+def mnist1d_data(num_samples:int=10_000, # Samples generated in all; `train_split` (80%) of them train
+                 cache_dir:str|Path|None=None, # Folder of the `mnist1d_<num_samples>.npz` cache; None: no cache
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "MNIST-1D generated locally (no download) as `x_train, y_train, x_valid, y_valid`, cached in `cache_dir`"
+    path = Path(cache_dir)/f'mnist1d_{num_samples}.npz' if cache_dir is not None else None
+    if path is not None and path.exists():
+        with np.load(path) as d: arrays = [d[k] for k in ('x', 'y', 'x_test', 'y_test')]
+    else:
+        from mnist1d.data import get_dataset_args, make_dataset
+        args = get_dataset_args()
+        args.num_samples = num_samples
+        d = make_dataset(args)
+        arrays = [d[k] for k in ('x', 'y', 'x_test', 'y_test')]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # written under a temporary name first, so an interrupted run never leaves a truncated cache
+            tmp = path.with_suffix('.tmp.npz')
+            np.savez(tmp, x=arrays[0], y=arrays[1], x_test=arrays[2], y_test=arrays[3])
+            tmp.replace(path)
+    x, y, xv, yv = arrays
+    return (torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long),
+            torch.tensor(xv, dtype=torch.float32), torch.tensor(yv, dtype=torch.long))
 
 # %% ../nbs/04_bench.ipynb #c008
-def main(argv:list[str]|None=None):
-    "Command line entry point of `hardmine-bench`"
-    p = argparse.ArgumentParser(prog='hardmine-bench', description=
-        "Train the same model with plain fastai and with each hard-mining rule, side by side, and print the results.")
-    p.add_argument('--quick', action='store_true', help='short run (5 epochs per arm), seconds on a CPU')
-    p.add_argument('--epochs', type=int, default=20, help='epochs per arm (default: 20)')
-    p.add_argument('--bs', type=int, default=64, help='batch size (default: 64)')
-    p.add_argument('--lr', type=float, default=3e-3, help='peak learning rate of the one-cycle schedule (default: 3e-3)')
-    p.add_argument('--seed', type=int, default=0, help='seed of weights, split and data order (default: 0)')
-    args = p.parse_args(argv)
-    epochs = 5 if args.quick else args.epochs
-    print(f"Digits demo: MLP 64-256-10, {epochs} epochs, batch size {args.bs}, torch {torch.__version__} on "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.get_num_threads()} threads)")
-    print(format_table(run_demo(epochs=epochs, bs=args.bs, lr=args.lr, seed=args.seed)))
+def bench_data(name:str='mnist1d', # 'mnist1d' or 'digits'
+               num_samples:int=10_000, # MNIST-1D samples generated (train and validation together)
+               cache_dir:str|Path|None=None, # Folder of the MNIST-1D cache
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "A benchmark's data set as `x_train, y_train, x_valid, y_valid`"
+    if name == 'mnist1d': return mnist1d_data(num_samples, cache_dir)
+    if name == 'digits': return digits_data()
+    raise ValueError(f"`data` must be 'mnist1d' or 'digits', got {name!r}")
 
-# %% ../nbs/04_bench.ipynb #c009
+def flip_labels(y:Tensor, # Integer class labels
+                share:float, # Share of the labels to flip, in [0, 1]
+                n_classes:int=10, # Number of classes
+                seed:int=0, # Seed of which labels flip and to what
+               ) -> Tensor:
+    "A copy of `y` with `share` of the labels (chosen at random) changed to a different random class"
+    if not 0 <= share <= 1: raise ValueError(f"`share` must be in [0, 1], got {share!r}")
+    g = torch.Generator().manual_seed(seed)
+    n = int(round(share * len(y)))
+    idx = torch.randperm(len(y), generator=g)[:n]
+    y = y.clone()
+    # an offset in 1..n_classes-1 never lands on the label itself
+    y[idx] = (y[idx] + torch.randint(1, n_classes, (n,), generator=g)) % n_classes
+    return y
+
+# %% ../nbs/04_bench.ipynb #c010
+def bench_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor,
+              bs:int=128, # Training batch size
+              valid_bs:int=1024, # Validation batch size (validation is not timed)
+              device=None, # Device the tensors are moved to once, before training
+             ) -> DataLoaders:
+    "Shuffled training and ordered validation `TensorDataLoader`s over tensors moved to `device` once"
+    if device is not None: x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid, y_valid))
+    train = TensorDataLoader(IndexedTensors(x_train, y_train), bs=bs, shuffle=True)
+    valid = TensorDataLoader(IndexedTensors(x_valid, y_valid), bs=valid_bs, shuffle=False)
+    return DataLoaders(train, valid, device=device)
+
+# %% ../nbs/04_bench.ipynb #c012
+class SoftmaxL2Loss(nn.Module):
+    "Squared L2 distance between softmax(output) and the one-hot label, summed over classes"
+    def __init__(self, reduction:str='mean'): # 'mean', 'sum' or 'none' (one loss per sample)
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, pred:Tensor, targ:Tensor) -> Tensor:
+        loss = (pred.softmax(-1) - F.one_hot(targ, pred.shape[-1]).to(pred.dtype)).pow(2).sum(-1)
+        if self.reduction == 'none': return loss
+        if self.reduction == 'sum': return loss.sum()
+        return loss.mean()
+
+def mlp(n_in:int, # Input features
+        hidden:int=1024, # Hidden units
+        n_out:int=10, # Classes
+        act:str='sigmoid', # Hidden activation: 'sigmoid' (as in the seed) or 'relu'
+       ) -> nn.Module:
+    "An MLP with one hidden layer"
+    acts = dict(sigmoid=nn.Sigmoid, relu=nn.ReLU)
+    if act not in acts: raise ValueError(f"`act` must be one of {tuple(acts)}, got {act!r}")
+    return nn.Sequential(nn.Linear(n_in, hidden), acts[act](), nn.Linear(hidden, n_out))
+
+# %% ../nbs/04_bench.ipynb #c014
+class ResBlock1d(nn.Module):
+    "Two conv-BatchNorm layers with a ReLU between and a residual connection (1x1 conv where the shape changes)"
+    def __init__(self,
+                 ni:int, # Input channels
+                 nf:int, # Output channels
+                 stride:int=1, # Stride of the first conv (2 halves the length)
+                 ks:int=5, # Kernel size
+                ):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(ni, nf, ks, stride, ks // 2, bias=False), nn.BatchNorm1d(nf)
+        self.conv2, self.bn2 = nn.Conv1d(nf, nf, ks, 1, ks // 2, bias=False), nn.BatchNorm1d(nf)
+        self.shortcut = nn.Identity() if ni == nf and stride == 1 else \
+            nn.Sequential(nn.Conv1d(ni, nf, 1, stride, bias=False), nn.BatchNorm1d(nf))
+
+    def forward(self, x): return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+class ResNet1d(nn.Module):
+    "A small 1-D ResNet for sequences of shape (N, L): a stem conv, residual blocks, global average pooling, a linear head"
+    def __init__(self,
+                 channels:int=64, # Channels of every conv
+                 n_out:int=10, # Classes
+                 strides:tuple=(1, 2, 2), # One residual block per stride
+                 ks:int=5, # Kernel size
+                ):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(1, channels, ks, 1, ks // 2, bias=False), nn.BatchNorm1d(channels), nn.ReLU())
+        self.blocks = nn.Sequential(*[ResBlock1d(channels, channels, s, ks) for s in strides])
+        self.head = nn.Linear(channels, n_out)
+
+    def forward(self, x): return self.head(self.blocks(self.stem(x.unsqueeze(1))).mean(-1))
+
+# %% ../nbs/04_bench.ipynb #c017
+def _sync(device):
+    if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
+
+class BenchRecorder(Callback):
+    "Training wall time per epoch (validation excluded), validation accuracy and loss over training, loss per step"
+    order = 100  # after fastai's Recorder and ProgressCallback, so their per-batch work is on the clock like the model's
+
+    def __init__(self, valid_per_epoch:int=1): # Validations per epoch, evenly spread over its batches (the last at its end)
+        if valid_per_epoch < 1: raise ValueError(f"`valid_per_epoch` must be >= 1, got {valid_per_epoch!r}")
+        self.valid_per_epoch = valid_per_epoch
+
+    def before_fit(self):
+        # `validate` and `get_preds` send `before_fit` too: only a fit that trains starts a new record
+        self._pending, self._fitting = True, False
+
+    def after_fit(self): self._fitting = False
+
+    def _reset(self):
+        self.device = getattr(self.dls, 'device', None) or next(self.model.parameters()).device
+        self.train_time, self.epoch_train_s = 0., []
+        self.points = []  # (training time, epochs done, valid loss, valid accuracy)
+        self._losses, self.step_pos = [], []
+
+    def _now(self) -> float:
+        _sync(self.device)
+        return time.perf_counter()
+
+    def before_train(self):
+        if self._pending: self._reset()
+        self._pending, self._fitting = False, True
+        self._epoch_start = self.train_time
+        n, k = len(self.dl), self.valid_per_epoch
+        # batch counts after which to validate inside the epoch (fastai validates after the last one)
+        self._valid_at = {round(j * n / k) for j in range(1, k)} - {0, n}
+        self._start = self._now()
+
+    def _pause(self): self.train_time += self._now() - self._start
+
+    def after_train(self):
+        self._pause()
+        self.epoch_train_s.append(self.train_time - self._epoch_start)
+
+    def after_batch(self):
+        if not self.training:
+            if not self._fitting: return
+            n = len(self.yb[0])
+            self._correct += (self.pred.argmax(-1) == self.yb[0]).sum()
+            self._loss_sum += self.loss.detach().float() * n
+            self._count += n
+            return
+        self._losses.append(self.loss.detach())
+        self.step_pos.append(self.epoch + (self.iter + 1) / self.n_iter)
+        if self.iter + 1 in self._valid_at:
+            self._pause()
+            self.points.append((self.train_time, self.step_pos[-1], *self.evaluate()))
+            self._start = self._now()
+
+    def before_validate(self):
+        self.device = getattr(self.dls, 'device', None) or next(self.model.parameters()).device
+        self._correct, self._loss_sum, self._count = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+
+    def after_validate(self):
+        if not self._fitting: return
+        # one host sync per validation
+        loss, correct = torch.stack([self._loss_sum, self._correct.float()]).tolist()
+        self.points.append((self.train_time, float(self.epoch + 1), loss / max(1, self._count), correct / max(1, self._count)))
+
+    def evaluate(self) -> tuple[float, float]:
+        "Validation loss and accuracy of the model now, in eval mode (the model's mode is restored)"
+        model, was = self.model, self.model.training
+        model.eval()
+        loss_sum, correct, count = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+        try:
+            with torch.no_grad():
+                for xb, yb in self.dls.valid:
+                    pred = model(xb)
+                    loss_sum += self.loss_func(pred, yb).float() * len(yb)
+                    correct += (pred.argmax(-1) == yb).sum()
+                    count += len(yb)
+        finally: model.train(was)
+        loss, correct = torch.stack([loss_sum, correct.float()]).tolist()
+        return loss / max(1, count), correct / max(1, count)
+
+    @property
+    def train_losses(self) -> Tensor:
+        "Loss of each training batch (the whole batch's, as fastai logs it)"
+        return torch.stack(self._losses).float().cpu() if self._losses else torch.zeros(0)
+
+# %% ../nbs/04_bench.ipynb #c019
+def time_to_accuracy(times:list[float], # Training time of each validation point
+                     accuracies:list[float], # Validation accuracy at each point
+                     target:float, # Accuracy to reach
+                    ) -> float|str:
+    "Training time of the first point whose accuracy reaches `target`, or 'never'"
+    return next((t for t, a in zip(times, accuracies) if a >= target), 'never')
+
+def speed_up(base:float|str, # The plain arm's time to target
+             arm:float|str, # The arm's time to target
+            ) -> float|str:
+    "`base / arm`, or 'never' if the arm never reached the target"
+    if arm == 'never' or base == 'never': return 'never'
+    return base / arm if arm > 0 else math.inf
+
+# %% ../nbs/04_bench.ipynb #c022
+def _binned(pos:list[float], values:list[float], max_points:int=100) -> dict:
+    "Mean of `values` (and of their positions) over at most `max_points` consecutive bins"
+    if not len(values): return dict(epoch=[], value=[])
+    parts = np.array_split(np.arange(len(values)), min(max_points, len(values)))
+    pos, values = np.asarray(pos, dtype=float), np.asarray(values, dtype=float)
+    return dict(epoch=[float(pos[p].mean()) for p in parts], value=[float(values[p].mean()) for p in parts])
+
+@contextmanager
+def _buffers_kept(model:nn.Module):
+    "Context that puts the model's buffers (BatchNorm statistics) and mode back as they were"
+    saved, was = [b.clone() for b in model.buffers()], model.training
+    try: yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), saved): b.copy_(v)
+        model.train(was)
+
+OPTIMIZERS = dict(adam=Adam, sgd=SGD)
+
+def train_arm(data:tuple, # `x_train, y_train, x_valid, y_valid`
+              make_model, # Function returning a new model
+              init:dict, # `state_dict` every arm starts from
+              loss_func, # Loss function (with a `reduction` attribute)
+              bs:int, # Training batch size
+              epochs:int, # Epochs of one-cycle training
+              lr:float, # Peak learning rate
+              seed:int, # Seed of the data order
+              add_rule=None, # Function adding a hard-mining rule to the Learner; None: plain fastai
+              device=None, # Training device
+              valid_per_epoch:int=1, # Validations per epoch, evenly spread over its batches
+              show_bar:bool=True, # Show fastai's progress bars and epoch table
+              opt:str='adam', # Optimizer: 'adam' (fastai's default) or 'sgd' (with momentum 0.9)
+             ) -> tuple[dict, Learner]:
+    "Train one arm from `init`; its record (curves, times, sample counts, kept shares) and the Learner"
+    model = make_model()
+    model.load_state_dict(copy.deepcopy(init))
+    set_seed(seed)  # the training DataLoader draws its shuffling seed from here: same order for every arm
+    dls = bench_dls(*data, bs=bs, device=device)
+    rec = BenchRecorder(valid_per_epoch)
+    if opt not in OPTIMIZERS: raise ValueError(f"`opt` must be one of {tuple(OPTIMIZERS)}, got {opt!r}")
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=OPTIMIZERS[opt], metrics=accuracy, cbs=rec)
+    if add_rule is not None: learn = add_rule(learn)
+    if show_bar: learn.fit_one_cycle(epochs, lr)
+    else:
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    miner = learn.hard_miner
+    n_batches, n_seen = len(rec.step_pos), len(data[0]) * epochs
+    if miner is not None:
+        kept_share = miner.kept_share.tolist()
+        scored, trained, seen = int(miner.scored.sum()), int(miner.trained.sum()), int(miner.batch_sizes.sum())
+        mean_kept = miner.mean_kept_share()
+    else: kept_share, scored, trained, seen, mean_kept = [1.] * n_batches, 0, n_seen, n_seen, 1.
+    # the kept share of the last epoch, weighted by batch size, is the "kept share at the end"
+    last = [i for i, p in enumerate(rec.step_pos) if p > epochs - 1]
+    if miner is not None and last: end_share = float(miner.kept[last].sum() / miner.batch_sizes[last].sum().clamp_min(1))
+    else: end_share = mean_kept
+    times, epochs_at, vloss, vacc = (list(c) for c in zip(*rec.points))
+    record = dict(
+        final_accuracy=vacc[-1], final_valid_loss=vloss[-1], train_time_s=rec.train_time,
+        epoch_train_s=rec.epoch_train_s,
+        curve=dict(train_time_s=times, epoch=epochs_at, valid_loss=vloss, valid_accuracy=vacc),
+        samples=dict(seen=seen, scored=scored, trained=trained),
+        kept_share=mean_kept, kept_share_end=end_share,
+        kept_share_curve=_binned(rec.step_pos, kept_share),
+        train_loss_curve=_binned(rec.step_pos, rec.train_losses.tolist()))
+    return record, learn
+
+# %% ../nbs/04_bench.ipynb #c025
+TASKS = ('ohem', 'filter', 'selective')
+
+_DEFAULTS = dict(
+    ohem=dict(data='mnist1d', num_samples=10_000, epochs=30, lr=3e-3, opt='adam', loss='l2', hidden=1024, act='sigmoid',
+              nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)]),
+    filter=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64, min_loss_perc=0.9),
+    selective=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64,
+                   noise=[0., .01, .1, .2],
+                   arms=[dict(beta=1), dict(beta=2), dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, fill_batch=True),
+                         dict(beta=3, fill_batch=True, staleness=1)]),
+)
+_QUICK = dict(
+    ohem=dict(num_samples=6_000, epochs=8),
+    filter=dict(num_samples=6_000, epochs=6),
+    selective=dict(num_samples=6_000, epochs=6, noise=[0., .2], arms=[dict(beta=1), dict(beta=3), dict(beta=3, staleness=1)]),
+)
+
+def bench_config(task:str, # 'ohem', 'filter' or 'selective'
+                 quick:bool=False, # The quick (smoke-test) settings
+                 **overrides, # Settings to change; None values are ignored
+                ) -> dict:
+    "The settings of `task`: full or quick, with `overrides` applied"
+    if task not in TASKS: raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
+    cfg = copy.deepcopy(_DEFAULTS[task])
+    if quick: cfg.update(copy.deepcopy(_QUICK[task]))
+    unknown = set(overrides) - set(cfg) - {'valid_per_epoch', 'mining_epochs'}
+    if unknown: raise ValueError(f"Unknown settings for task {task!r}: {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    cfg.setdefault('valid_per_epoch', 1)
+    # the mining arms may train longer than the plain one: time to target is what they are judged by
+    if cfg.get('mining_epochs') is None: cfg['mining_epochs'] = cfg['epochs']
+    return cfg
+
+# %% ../nbs/04_bench.ipynb #c027
+def _sb_name(kw:dict) -> str:
+    extra = ''.join(f", {k}={v}" if not isinstance(v, bool) else f", {k}" for k, v in kw.items() if k != 'beta')
+    return f"selective_backprop(beta={kw['beta']:g}{extra})"
+
+def _arms(task:str, cfg:dict, seed:int) -> list[tuple[str, int, object]]:
+    "The task's arms as `(name, batch size, function adding the rule or None)`, the plain arm first"
+    if task == 'ohem':
+        arms = []
+        for n, k in cfg['nk']:
+            rule = None if k >= n else (lambda k: lambda learn: learn.top_k(k, mode='subset'))(k)
+            arms.append((f"{n}:{k}" + (' (plain fastai)' if rule is None else ''), n, rule))
+        # the plain arm (n == k) first
+        return sorted(arms, key=lambda a: a[2] is not None)
+    arms = [('plain fastai', cfg['bs'], None)]
+    if task == 'filter':
+        arms.append((f"batch_loss_filter({cfg['min_loss_perc']:g})", cfg['bs'],
+                     lambda learn: learn.batch_loss_filter(cfg['min_loss_perc'], mode='subset')))
+    else:
+        for kw in cfg['arms']:
+            arms.append((_sb_name(kw), cfg['bs'], (lambda kw: lambda learn: learn.selective_backprop(
+                mode='subset', seed=seed, **kw))(kw)))
+    return arms
+
+def _model_and_loss(task:str, cfg:dict, n_in:int):
+    if task == 'ohem':
+        loss = {'l2': SoftmaxL2Loss, 'ce': CrossEntropyLossFlat}
+        if cfg['loss'] not in loss: raise ValueError(f"`loss` must be 'l2' or 'ce', got {cfg['loss']!r}")
+        return (lambda: mlp(n_in, cfg['hidden'], 10, cfg['act'])), loss[cfg['loss']]()
+    return (lambda: ResNet1d(cfg['channels'])), CrossEntropyLossFlat()
+
+# %% ../nbs/04_bench.ipynb #c028
+def loss_histogram(model:nn.Module, # A trained model
+                   loss_func, # Its loss function
+                   x:Tensor, y:Tensor, # One forwarded batch of n samples
+                   k:int, # Samples the rule keeps
+                   bins:int=30, # Histogram bins
+                  ) -> dict:
+    "Histogram of the per-sample losses of one forwarded batch and of the top-k kept ones (train mode, no grad)"
+    with _buffers_kept(model):
+        model.train()
+        with torch.no_grad(): losses = per_sample_loss(loss_func, model(x), y).float()
+    kept = losses[select_top_k(losses, k)]
+    losses, kept = losses.cpu().numpy(), kept.cpu().numpy()
+    edges = np.histogram_bin_edges(losses, bins=bins)
+    return dict(n=len(losses), k=len(kept), edges=edges.tolist(), forwarded=np.histogram(losses, edges)[0].tolist(),
+                kept=np.histogram(kept, edges)[0].tolist(), kept_min_loss=float(kept.min()))
+
+# %% ../nbs/04_bench.ipynb #c030
+def _mean_std(xs:list[float]) -> dict:
+    return dict(mean=statistics.fmean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.)
+
+def _summary(runs:list[dict]) -> dict:
+    "An arm's figures over seeds"
+    def reached(key): return [r[key] for r in runs if r[key] != 'never']
+    s = dict(final_accuracy=_mean_std([r['final_accuracy'] for r in runs]),
+             final_error=_mean_std([1 - r['final_accuracy'] for r in runs]),
+             final_valid_loss=_mean_std([r['final_valid_loss'] for r in runs]),
+             train_time_s=_mean_std([r['train_time_s'] for r in runs]),
+             kept_share=statistics.fmean(r['kept_share'] for r in runs),
+             kept_share_end=statistics.fmean(r['kept_share_end'] for r in runs),
+             samples={k: statistics.fmean(r['samples'][k] for r in runs) for k in ('seen', 'scored', 'trained')})
+    for tag in ('', '_99'):
+        t = reached('time_to_target' + tag + '_s')
+        s['target' + tag + '_reached_seeds'] = len(t)
+        # a mean over the seeds that reached it would flatter an arm that sometimes never does
+        s['time_to_target' + tag + '_s'] = statistics.fmean(t) if len(t) == len(runs) else 'never'
+        base = [r['base_time_to_target' + tag + '_s'] for r in runs]
+        s['speed_up' + tag] = (statistics.fmean(base) / s['time_to_target' + tag + '_s']
+                               if len(t) == len(runs) else 'never')
+    return s
+
+def run_task(task:str, # 'ohem', 'filter' or 'selective'
+             cfg:dict, # Settings, from `bench_config`
+             seeds:int=1, # Number of seeds (0, 1, ...)
+             device=None, # Training device; default: cuda if available, else cpu
+             cache_dir:str|Path|None=None, # Folder of the data cache
+             show_bar:bool=True, # Show fastai's progress bars
+             log=print, # Where progress lines go
+            ) -> dict:
+    "Run every arm of `task` for each seed; the settings, per-arm runs and summaries, and the histograms (ohem)"
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    x, y, xv, yv = bench_data(cfg['data'], cfg['num_samples'], cache_dir)
+    make_model, loss_func = _model_and_loss(task, cfg, x.shape[1])
+    noises = cfg['noise'] if task == 'selective' else [0.]
+    groups = [dict(label=f"noise {n:.0%}" if task == 'selective' else cfg['data'], noise=n, arms={}) for n in noises]
+    arm_names = [a[0] for a in _arms(task, cfg, 0)]
+    for g in groups: g['arms'] = {name: dict(runs=[]) for name in arm_names}
+    hist = {}
+    # warm-up: one short untimed epoch per arm, so that the first timed arm pays no first-call costs
+    warm = max(a[1] for a in _arms(task, cfg, 0)) * 2
+    init = make_model().state_dict()
+    for name, bs, rule in _arms(task, cfg, 0):
+        train_arm((x[:warm], y[:warm], xv[:warm], yv[:warm]), make_model, init, loss_func, bs, 1, cfg['lr'], 0,
+                  rule, device, show_bar=False, opt=cfg['opt'])
+    for seed in range(seeds):
+        for g in groups:
+            yt = flip_labels(y, g['noise'], seed=seed) if g['noise'] else y
+            set_seed(seed)
+            init = copy.deepcopy(make_model().state_dict())
+            arms = _arms(task, cfg, seed)
+            # rotate the running order with the seed so drift of the machine hits every arm alike
+            r = seed % len(arms)
+            for name, bs, rule in arms[r:] + arms[:r]:
+                log(f"\n{task} · {g['label']} · seed {seed} · {name}")
+                epochs = cfg['epochs'] if rule is None else cfg['mining_epochs']
+                rec, learn = train_arm((x, yt, xv, yv), make_model, init, loss_func, bs, epochs, cfg['lr'], seed,
+                                       rule, device, cfg['valid_per_epoch'], show_bar, cfg['opt'])
+                rec['seed'], rec['epochs'] = seed, epochs
+                g['arms'][name]['runs'].append(rec)
+                if task == 'ohem' and rule is not None and seed == 0:
+                    k = learn.hard_miner.k
+                    hist[name] = loss_histogram(learn.model, loss_func, x[:bs].to(device), yt[:bs].to(device), k)
+            base = g['arms'][arm_names[0]]['runs'][-1]
+            for name in arm_names:
+                run = g['arms'][name]['runs'][-1]
+                c = run['curve']
+                for tag, share in (('', 1.), ('_99', .99)):
+                    run['target' + tag] = target = base['final_accuracy'] * share
+                    run['time_to_target' + tag + '_s'] = time_to_accuracy(c['train_time_s'], c['valid_accuracy'], target)
+                    run['base_time_to_target' + tag + '_s'] = time_to_accuracy(
+                        base['curve']['train_time_s'], base['curve']['valid_accuracy'], target)
+                    run['speed_up' + tag] = speed_up(run['base_time_to_target' + tag + '_s'], run['time_to_target' + tag + '_s'])
+    for g in groups:
+        for arm in g['arms'].values(): arm['summary'] = _summary(arm['runs'])
+    res = dict(config=cfg, device=str(device), seeds=seeds, n_train=len(x), n_valid=len(xv),
+               baseline=arm_names[0], groups=groups)
+    if hist: res['loss_histogram'] = hist
+    return res
+
+# %% ../nbs/04_bench.ipynb #c033
+def _fmt_time(t) -> str: return t if isinstance(t, str) else f"{t:.2f}"
+def _fmt_speed(s) -> str: return s if isinstance(s, str) else f"{s:.2f}x"
+def _fmt_count(n:float) -> str: return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+def format_task_table(res:dict, # A task's result, from `run_task`
+                     ) -> str:
+    "A task's summary as a markdown table, one row per arm (and noise level)"
+    selective = any(g['noise'] for g in res['groups']) or len(res['groups']) > 1
+    acc_head = 'error % (clean valid)' if selective else 'accuracy %'
+    head = (['noise'] if selective else []) + ['arm', acc_head, 'valid loss', 'train time (s)', 'time to target (s)',
+            'speed-up', 'time to 99% (s)', 'speed-up 99%', 'kept share (end)', 'scored / trained']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([' --- '] * (2 if selective else 1) + [' ---: '] * (len(head) - (2 if selective else 1))) + '|']
+    n = res['seeds']
+    for g in res['groups']:
+        for name, arm in g['arms'].items():
+            s = arm['summary']
+            acc = s['final_error'] if selective else s['final_accuracy']
+            def never(tag):
+                t, k = s['time_to_target' + tag + '_s'], s['target' + tag + '_reached_seeds']
+                return _fmt_time(t) if t != 'never' or not k else f"never ({k}/{n} seeds)"
+            row = ([f"{g['noise']:.0%}"] if selective else []) + [
+                name, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}",
+                f"{s['final_valid_loss']['mean']:.4f} ± {s['final_valid_loss']['std']:.4f}",
+                f"{s['train_time_s']['mean']:.2f} ± {s['train_time_s']['std']:.2f}",
+                never(''), _fmt_speed(s['speed_up']), never('_99'), _fmt_speed(s['speed_up_99']),
+                f"{s['kept_share']:.3f} ({s['kept_share_end']:.3f})",
+                f"{_fmt_count(s['samples']['scored'])} / {_fmt_count(s['samples']['trained'])}"]
+            lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+# %% ../nbs/04_bench.ipynb #c035
+def _figure(n_axes:int, width:float=6.4, height:float=4.2):
+    # a bare Figure renders with Agg and leaves pyplot's global backend alone
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * n_axes, height), layout='constrained')
+    return fig, [fig.add_subplot(1, n_axes, i + 1) for i in range(n_axes)]
+
+def _colors(names):
+    from matplotlib import colormaps
+    cmap = colormaps['tab10']
+    return {n: cmap(i % 10) for i, n in enumerate(names)}
+
+def plot_task(task:str, # The task's name, for titles and file names
+              res:dict, # The task's result, from `run_task`
+              out:str|Path, # Folder the PNGs are written to
+             ) -> list[Path]:
+    "Write the task's plots as PNGs into `out`: accuracy vs training time, kept share, and for ohem loss curves and histograms"
+    out, paths = Path(out), []
+    groups = res['groups']
+    names = list(groups[0]['arms'])
+    colors = _colors(names)
+    def save(fig, name):
+        paths.append(out/name)
+        fig.savefig(paths[-1], dpi=110)
+
+    fig, axes = _figure(len(groups))
+    for ax, g in zip(axes, groups):
+        targets = []
+        for name, arm in g['arms'].items():
+            for i, run in enumerate(arm['runs']):
+                c = run['curve']
+                ax.plot(c['train_time_s'], [100 * a for a in c['valid_accuracy']], marker='.', color=colors[name],
+                        alpha=1 if i == 0 else .4, label=name if i == 0 else None)
+                if name == res['baseline']: targets.append(run['final_accuracy'])
+        ax.axhline(100 * statistics.fmean(targets), color='grey', ls='--', lw=1, label='plain fastai final accuracy')
+        ax.set(xlabel='training wall time (s), validation excluded', ylabel='validation accuracy (%)',
+               title=f"{task} · {g['label']}")
+        lo = min(100 * a for arm in g['arms'].values() for r in arm['runs'] for a in r['curve']['valid_accuracy'][len(r['curve']['valid_accuracy']) // 3:])
+        ax.set_ylim(max(0, lo - 2), None)
+        ax.legend(fontsize=7)
+    save(fig, f'{task}_accuracy_vs_time.png')
+
+    fig, axes = _figure(len(groups))
+    for ax, g in zip(axes, groups):
+        for name, arm in g['arms'].items():
+            c = arm['runs'][0]['kept_share_curve']
+            ax.plot(c['epoch'], c['value'], color=colors[name], label=name)
+        ax.set(xlabel='epoch', ylabel='kept share of each batch (seed 0)', ylim=(0, 1.05), title=f"{task} · {g['label']}")
+        ax.legend(fontsize=7)
+    save(fig, f'{task}_kept_share.png')
+
+    if task == 'ohem':
+        fig, (ax,) = _figure(1)
+        for name, arm in groups[0]['arms'].items():
+            c = arm['runs'][0]['train_loss_curve']
+            ax.plot(c['epoch'], c['value'], color=colors[name], label=name)
+        ax.set(xlabel='epoch (steps binned)', ylabel='training loss of the whole batch (seed 0)', yscale='log', title='ohem · training loss')
+        ax.legend(fontsize=7)
+        save(fig, 'ohem_train_loss.png')
+        hist = res.get('loss_histogram', {})
+        if hist:
+            fig, axes = _figure(len(hist), 4.8, 3.6)
+            for ax, (name, h) in zip(axes, hist.items()):
+                e = np.asarray(h['edges'])
+                ax.stairs(h['forwarded'], e, fill=True, alpha=.4, color='grey', label=f"forwarded ({h['n']})")
+                ax.stairs(h['kept'], e, fill=True, alpha=.8, color=colors[name], label=f"kept, top {h['k']}")
+                ax.set(xlabel='per-sample loss', ylabel='samples', title=f'{name}: one batch at the end of training')
+                ax.legend(fontsize=7)
+            save(fig, 'ohem_loss_histogram.png')
+    return paths
+
+# %% ../nbs/04_bench.ipynb #c038
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
+    except (OSError, StopIteration): return platform.processor() or platform.machine()
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='hardmine-bench', description=
+        "Train the same models with plain fastai and with each hard-mining rule (mode='subset'), side by side: "
+        "time to the plain arm's final accuracy, final accuracy and loss, samples scored and trained.")
+    p.add_argument('--task', choices=TASKS + ('all',), default='all', help='task to run (default: all)')
+    p.add_argument('--quick', action='store_true', help='smoke-test sizes: every task in a few minutes on 2 CPU cores')
+    p.add_argument('--device', default=None, help="training device (default: cuda if available, else cpu)")
+    p.add_argument('--seeds', type=int, default=None, help='number of seeds (default: 1 with --quick, else 3)')
+    p.add_argument('--out', default='hardmine-bench-out', help='folder for results.json, tables, plots and the data cache')
+    p.add_argument('--data', choices=('mnist1d', 'digits'), default=None, help='data set (default: mnist1d)')
+    p.add_argument('--num-samples', type=int, default=None, help='MNIST-1D samples generated, 80%% of them train '
+                   f"(default: {_DEFAULTS['ohem']['num_samples']}, {_QUICK['ohem']['num_samples']} with --quick)")
+    p.add_argument('--epochs', type=int, default=None, help="epochs per arm (default: the task's, see bench_config)")
+    p.add_argument('--mining-epochs', type=int, default=None, help='epochs of the hard-mining arms, so that a rule '
+                   'with cheaper epochs can use them to reach the target (default: as many as the plain arm)')
+    p.add_argument('--lr', type=float, default=None, help="peak learning rate of the one-cycle schedule (default: the task's)")
+    p.add_argument('--opt', choices=tuple(OPTIMIZERS), default=None, help="optimizer (default: the task's, see bench_config)")
+    p.add_argument('--bs', type=int, default=None, help='batch size of the filter and selective tasks (default: 128)')
+    p.add_argument('--loss', choices=('l2', 'ce'), default=None,
+                   help="ohem loss: 'l2' between softmax and one-hot as in the seed (default) or 'ce'")
+    p.add_argument('--valid-per-epoch', type=int, default=None, metavar='K',
+                   help='validate K times per epoch, evenly spread, for a finer time to accuracy (default: 1, at the end)')
+    return p
+
+def main(argv:list[str]|None=None, # Command line arguments, without the program name
+         show_bar:bool=True, # Show fastai's progress bars and epoch tables
+        ):
+    "Command line entry point of `hardmine-bench`: run the tasks, print the tables, write results, tables and plots to `--out`"
+    args = _parser().parse_args(argv)
+    if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit("hardmine-bench: --device cuda, but no CUDA device is available")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    if seeds < 1: raise SystemExit(f"hardmine-bench: --seeds must be >= 1, got {seeds}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = TASKS if args.task == 'all' else (args.task,)
+    meta = dict(command='hardmine-bench ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+                device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
+                threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__, fastai=fastai.__version__,
+                python=platform.python_version(), platform=platform.platform(), quick=args.quick, seeds=seeds,
+                started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    print(f"hardmine-bench: tasks {', '.join(tasks)}; {seeds} seed(s); {device} ({meta['device_name']}, "
+          f"{meta['threads']} threads); torch {torch.__version__}, fastai {fastai.__version__}; results in {out}/")
+    results = dict(meta=meta, tasks={})
+    start = time.perf_counter()
+    for task in tasks:
+        cfg = bench_config(task, args.quick, data=args.data, num_samples=args.num_samples, epochs=args.epochs, lr=args.lr,
+                           mining_epochs=args.mining_epochs,
+                           opt=args.opt, valid_per_epoch=args.valid_per_epoch, **({'bs': args.bs} if task != 'ohem' else {}),
+                           **({'loss': args.loss} if task == 'ohem' else {}))
+        results['tasks'][task] = run_task(task, cfg, seeds, device, out, show_bar)
+        # written after every task, so an interrupted run keeps what it finished
+        meta['wall_s'] = time.perf_counter() - start
+        (out/'results.json').write_text(json.dumps(results, indent=1))
+    meta['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
+    (out/'results.json').write_text(json.dumps(results, indent=1))
+    for task, res in results['tasks'].items():
+        table = format_task_table(res)
+        cfg = res['config']
+        epochs = f"{cfg['epochs']} epochs" + (f" ({cfg['mining_epochs']} for the mining arms)"
+                                              if cfg['mining_epochs'] != cfg['epochs'] else '')
+        title = (f"## {task}: {cfg['data']} ({res['n_train']} train / {res['n_valid']} valid), {epochs}, "
+                 f"{seeds} seed(s), {res['device']}")
+        (out/f'{task}.md').write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n{table}\n")
+        plot_task(task, res, out)
+        print(f"\n{title}\n\n{table}")
+    print(f"\nTarget: the plain-fastai arm's final validation accuracy (same seed); times are training wall time, "
+          f"validation excluded. Total wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
+
+# %% ../nbs/04_bench.ipynb #c039
 if __name__ == '__main__' and '__file__' in globals(): main(sys.argv[1:])

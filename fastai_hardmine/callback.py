@@ -11,6 +11,8 @@ from torch import Tensor
 from fastcore.basics import patch
 from numbers import Integral
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.modules.batchnorm import _BatchNorm
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
@@ -25,6 +27,12 @@ __all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallba
 
 # %% ../nbs/01_callback.ipynb #c005
 MODES = ('mask', 'subset')
+
+def _add_highest_dropped(losses:Tensor, idx:Tensor, n:int) -> Tensor:
+    "`idx` with the highest-loss samples it leaves out added until it holds `n`, ascending"
+    left = losses.clone()
+    left[idx] = -torch.inf
+    return torch.cat([idx, left.topk(n - len(idx)).indices]).sort().values
 
 def _on_all_ranks(flag:bool, like:tuple) -> bool:
     "`flag` on every process of a distributed run (True only if all say so), or `flag` itself when not distributed"
@@ -53,6 +61,7 @@ class HardMiningCallback(Callback):
         self.fill_batch, self.staleness = False, 0
         self._queue, self._queued, self._deferred = [], 0, False
         self._loss_table = self._scored_at = self._epoch_idxs = None
+        self._min_rows = 1
         self._reset_records()
 
     @property
@@ -83,6 +92,8 @@ class HardMiningCallback(Callback):
                              f"{', '.join(type(o).__name__ for o in others)}: remove all but one")
         # lr_find trains too, but its losses must be those of plain training
         self.active = not hasattr(self.learn, 'lr_finder')
+        # BatchNorm cannot train on one sample: with it, subset mode never forwards fewer than two
+        self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in self.learn.model.modules()) else 1
         self.reset()
 
     def reset(self):
@@ -108,6 +119,9 @@ class HardMiningCallback(Callback):
         "Per-sample losses of `xb` (default: the whole batch) from a no-grad forward that leaves every buffer as it was"
         xb = self.xb if xb is None else xb
         model = self.learn.model
+        # DDP's forward starts with collectives (buffer broadcast): through the wrapped module, scoring runs
+        # on each process alone, so processes that score different numbers of samples cannot deadlock
+        if isinstance(model, DistributedDataParallel): model = model.module
         # train mode, so the ranking sees the losses the training forward would give (BatchNorm on batch
         # statistics, dropout on); the buffers that forward updates are put back afterwards
         saved = [b.clone() for b in model.buffers()]
@@ -133,6 +147,7 @@ class HardMiningCallback(Callback):
         if self._kept_whole(): return
         losses, n_scored = self._batch_losses()
         idx = self.select(losses)
+        if len(idx) < self._min_rows <= len(losses): idx = _add_highest_dropped(losses, idx, self._min_rows)
         self._batch_loss = losses.mean()
         xb, yb = self.xb, self.yb
         if len(idx) < len(losses): xb, yb = subset_batch(xb, idx), subset_batch(yb, idx)
@@ -175,7 +190,8 @@ class HardMiningCallback(Callback):
         # a loss scored `staleness` epochs ago or less is reused; the others are scored now
         stale = (self._scored_at[idx] < self.epoch - self.staleness).nonzero().flatten()
         if len(stale):
-            whole = len(stale) == len(idx)
+            whole = len(stale) >= len(idx) or len(stale) < self._min_rows
+            if whole: stale = torch.arange(len(idx), device=idx.device)
             scores = self.score(self.xb if whole else subset_batch(self.xb, stale),
                                 self.yb if whole else subset_batch(self.yb, stale))
             self.check_finite(scores)

@@ -325,3 +325,18 @@ def test_subset_is_the_default_mode():
     for add in (lambda: learn.top_k(4), learn.batch_loss_filter, learn.selective_backprop):
         assert add().hard_miner.mode == 'subset'
     with pytest.raises(ValueError, match='`mode` must be one of'): TopKCallback(4, mode='drop')
+
+def test_batchnorm_model_never_trains_on_one_sample():
+    "BatchNorm raises on a training batch of one: a rule keeping one sample gets the highest-loss other one added"
+    learn = make_learner(cbs=TopKCallback(1), model_fn=mlp_bn)
+    trained = TrainedBatches()
+    (xb, yb) = full_first_batch(make_learner(model_fn=mlp_bn))
+    ref = copy.deepcopy(learn.model).train()
+    learn.fit(1, 1e-2, cbs=trained)
+    assert learn.hard_miner.trained.tolist() == learn.hard_miner.kept.tolist() == [2] * len(learn.hard_miner.kept)
+    with torch.no_grad(): scores = F.cross_entropy(ref(*xb), *yb, reduction='none')
+    assert torch.equal(trained.batches[0][0][0], xb[0][select_top_k(scores, 2)])
+    # without BatchNorm, one sample is one sample
+    learn = make_learner(cbs=TopKCallback(1))
+    learn.fit(1, 1e-2)
+    assert learn.hard_miner.trained.max() == 1
