@@ -7,7 +7,6 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench.html.md"""
 # %% ../nbs/04_bench.ipynb #c003
 from __future__ import annotations
 import argparse, copy, json, math, os, platform, statistics, sys, time
-from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,21 +15,20 @@ import torch.nn.functional as F
 import fastai
 from fastai.torch_core import set_seed
 from fastai.callback.core import Callback
-from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, SGD
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (adds Learner.fit_one_cycle)
 from fastai.callback.progress import ProgressCallback  # noqa: F401 (adds Learner.no_bar)
-from .core import per_sample_loss, select_top_k
+from .core import per_sample_loss, select_top_k, buffers_restored
 from .callback import *
-from .data import TensorDataLoader, IndexedTensors, digits_data
+from .data import tensor_dls, digits_data
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'TASKS', 'mnist1d_data', 'bench_data', 'flip_labels', 'bench_dls', 'SoftmaxL2Loss', 'mlp', 'ResBlock1d',
-           'ResNet1d', 'BenchRecorder', 'time_to_accuracy', 'speed_up', 'train_arm', 'bench_config', 'loss_histogram',
-           'run_task', 'format_task_table', 'plot_task', 'main']
+__all__ = ['OPTIMIZERS', 'TASKS', 'mnist1d_data', 'bench_data', 'flip_labels', 'SoftmaxL2Loss', 'mlp', 'ResBlock1d', 'ResNet1d',
+           'BenchRecorder', 'time_to_accuracy', 'speed_up', 'train_arm', 'bench_config', 'loss_histogram', 'run_task',
+           'format_task_table', 'plot_task', 'main']
 
 # %% ../nbs/04_bench.ipynb #c006
 def mnist1d_data(num_samples:int=10_000, # Samples generated in all; `train_split` (80%) of them train
@@ -81,19 +79,7 @@ def flip_labels(y:Tensor, # Integer class labels
     y[idx] = (y[idx] + torch.randint(1, n_classes, (n,), generator=g)) % n_classes
     return y
 
-# %% ../nbs/04_bench.ipynb #c010
-def bench_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor,
-              bs:int=128, # Training batch size
-              valid_bs:int=1024, # Validation batch size (validation is not timed)
-              device=None, # Device the tensors are moved to once, before training
-             ) -> DataLoaders:
-    "Shuffled training and ordered validation `TensorDataLoader`s over tensors moved to `device` once"
-    if device is not None: x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid, y_valid))
-    train = TensorDataLoader(IndexedTensors(x_train, y_train), bs=bs, shuffle=True)
-    valid = TensorDataLoader(IndexedTensors(x_valid, y_valid), bs=valid_bs, shuffle=False)
-    return DataLoaders(train, valid, device=device)
-
-# %% ../nbs/04_bench.ipynb #c012
+# %% ../nbs/04_bench.ipynb #c011
 class SoftmaxL2Loss(nn.Module):
     "Squared L2 distance between softmax(output) and the one-hot label, summed over classes"
     def __init__(self, reduction:str='mean'): # 'mean', 'sum' or 'none' (one loss per sample)
@@ -116,7 +102,7 @@ def mlp(n_in:int, # Input features
     if act not in acts: raise ValueError(f"`act` must be one of {tuple(acts)}, got {act!r}")
     return nn.Sequential(nn.Linear(n_in, hidden), acts[act](), nn.Linear(hidden, n_out))
 
-# %% ../nbs/04_bench.ipynb #c014
+# %% ../nbs/04_bench.ipynb #c013
 class ResBlock1d(nn.Module):
     "Two conv-BatchNorm layers with a ReLU between and a residual connection (1x1 conv where the shape changes)"
     def __init__(self,
@@ -148,7 +134,7 @@ class ResNet1d(nn.Module):
 
     def forward(self, x): return self.head(self.blocks(self.stem(x.unsqueeze(1))).mean(-1))
 
-# %% ../nbs/04_bench.ipynb #c017
+# %% ../nbs/04_bench.ipynb #c016
 def _sync(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
 
@@ -237,7 +223,7 @@ class BenchRecorder(Callback):
         "Loss of each training batch (the whole batch's, as fastai logs it)"
         return torch.stack(self._losses).float().cpu() if self._losses else torch.zeros(0)
 
-# %% ../nbs/04_bench.ipynb #c019
+# %% ../nbs/04_bench.ipynb #c018
 def time_to_accuracy(times:list[float], # Training time of each validation point
                      accuracies:list[float], # Validation accuracy at each point
                      target:float, # Accuracy to reach
@@ -252,23 +238,13 @@ def speed_up(base:float|str, # The plain arm's time to target
     if arm == 'never' or base == 'never': return 'never'
     return base / arm if arm > 0 else math.inf
 
-# %% ../nbs/04_bench.ipynb #c022
+# %% ../nbs/04_bench.ipynb #c021
 def _binned(pos:list[float], values:list[float], max_points:int=100) -> dict:
     "Mean of `values` (and of their positions) over at most `max_points` consecutive bins"
     if not len(values): return dict(epoch=[], value=[])
     parts = np.array_split(np.arange(len(values)), min(max_points, len(values)))
     pos, values = np.asarray(pos, dtype=float), np.asarray(values, dtype=float)
     return dict(epoch=[float(pos[p].mean()) for p in parts], value=[float(values[p].mean()) for p in parts])
-
-@contextmanager
-def _buffers_kept(model:nn.Module):
-    "Context that puts the model's buffers (BatchNorm statistics) and mode back as they were"
-    saved, was = [b.clone() for b in model.buffers()], model.training
-    try: yield
-    finally:
-        with torch.no_grad():
-            for b, v in zip(model.buffers(), saved): b.copy_(v)
-        model.train(was)
 
 OPTIMIZERS = dict(adam=Adam, sgd=SGD)
 
@@ -290,7 +266,7 @@ def train_arm(data:tuple, # `x_train, y_train, x_valid, y_valid`
     model = make_model()
     model.load_state_dict(copy.deepcopy(init))
     set_seed(seed)  # the training DataLoader draws its shuffling seed from here: same order for every arm
-    dls = bench_dls(*data, bs=bs, device=device)
+    dls = tensor_dls(*data, bs=bs, valid_bs=1024, device=device)
     rec = BenchRecorder(valid_per_epoch)
     if opt not in OPTIMIZERS: raise ValueError(f"`opt` must be one of {tuple(OPTIMIZERS)}, got {opt!r}")
     learn = Learner(dls, model, loss_func=loss_func, opt_func=OPTIMIZERS[opt], metrics=accuracy, cbs=rec)
@@ -320,7 +296,7 @@ def train_arm(data:tuple, # `x_train, y_train, x_valid, y_valid`
         train_loss_curve=_binned(rec.step_pos, rec.train_losses.tolist()))
     return record, learn
 
-# %% ../nbs/04_bench.ipynb #c025
+# %% ../nbs/04_bench.ipynb #c024
 TASKS = ('ohem', 'filter', 'selective')
 
 _DEFAULTS = dict(
@@ -354,7 +330,7 @@ def bench_config(task:str, # 'ohem', 'filter' or 'selective'
     if cfg.get('mining_epochs') is None: cfg['mining_epochs'] = cfg['epochs']
     return cfg
 
-# %% ../nbs/04_bench.ipynb #c027
+# %% ../nbs/04_bench.ipynb #c026
 def _sb_name(kw:dict) -> str:
     extra = ''.join(f", {k}={v}" if not isinstance(v, bool) else f", {k}" for k, v in kw.items() if k != 'beta')
     return f"selective_backprop(beta={kw['beta']:g}{extra})"
@@ -385,7 +361,7 @@ def _model_and_loss(task:str, cfg:dict, n_in:int):
         return (lambda: mlp(n_in, cfg['hidden'], 10, cfg['act'])), loss[cfg['loss']]()
     return (lambda: ResNet1d(cfg['channels'])), CrossEntropyLossFlat()
 
-# %% ../nbs/04_bench.ipynb #c028
+# %% ../nbs/04_bench.ipynb #c027
 def loss_histogram(model:nn.Module, # A trained model
                    loss_func, # Its loss function
                    x:Tensor, y:Tensor, # One forwarded batch of n samples
@@ -393,7 +369,7 @@ def loss_histogram(model:nn.Module, # A trained model
                    bins:int=30, # Histogram bins
                   ) -> dict:
     "Histogram of the per-sample losses of one forwarded batch and of the top-k kept ones (train mode, no grad)"
-    with _buffers_kept(model):
+    with buffers_restored(model):
         model.train()
         with torch.no_grad(): losses = per_sample_loss(loss_func, model(x), y).float()
     kept = losses[select_top_k(losses, k)]
@@ -402,7 +378,7 @@ def loss_histogram(model:nn.Module, # A trained model
     return dict(n=len(losses), k=len(kept), edges=edges.tolist(), forwarded=np.histogram(losses, edges)[0].tolist(),
                 kept=np.histogram(kept, edges)[0].tolist(), kept_min_loss=float(kept.min()))
 
-# %% ../nbs/04_bench.ipynb #c030
+# %% ../nbs/04_bench.ipynb #c029
 def _mean_std(xs:list[float]) -> dict:
     return dict(mean=statistics.fmean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.)
 
@@ -484,7 +460,7 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
     if hist: res['loss_histogram'] = hist
     return res
 
-# %% ../nbs/04_bench.ipynb #c033
+# %% ../nbs/04_bench.ipynb #c032
 def _fmt_time(t) -> str: return t if isinstance(t, str) else f"{t:.2f}"
 def _fmt_speed(s) -> str: return s if isinstance(s, str) else f"{s:.2f}x"
 def _fmt_count(n:float) -> str: return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
@@ -515,7 +491,7 @@ def format_task_table(res:dict, # A task's result, from `run_task`
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
-# %% ../nbs/04_bench.ipynb #c035
+# %% ../nbs/04_bench.ipynb #c034
 def _figure(n_axes:int, width:float=6.4, height:float=4.2):
     # a bare Figure renders with Agg and leaves pyplot's global backend alone
     from matplotlib.figure import Figure
@@ -586,7 +562,7 @@ def plot_task(task:str, # The task's name, for titles and file names
             save(fig, 'ohem_loss_histogram.png')
     return paths
 
-# %% ../nbs/04_bench.ipynb #c038
+# %% ../nbs/04_bench.ipynb #c037
 def _cpu_name() -> str:
     try:
         with open('/proc/cpuinfo') as f:
@@ -664,5 +640,5 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
     print(f"\nTarget: the plain-fastai arm's final validation accuracy (same seed); times are training wall time, "
           f"validation excluded. Total wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
 
-# %% ../nbs/04_bench.ipynb #c039
+# %% ../nbs/04_bench.ipynb #c038
 if __name__ == '__main__' and '__file__' in globals(): main(sys.argv[1:])

@@ -20,7 +20,7 @@ from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, per_sample_loss, select_loss_fraction,
                                   select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch,
-                                  concat_batches)
+                                  concat_batches, buffers_restored)
 
 # %% auto #0
 __all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
@@ -124,12 +124,7 @@ class HardMiningCallback(Callback):
         if isinstance(model, DistributedDataParallel): model = model.module
         # train mode, so the ranking sees the losses the training forward would give (BatchNorm on batch
         # statistics, dropout on); the buffers that forward updates are put back afterwards
-        saved = [b.clone() for b in model.buffers()]
-        try:
-            with torch.no_grad(): return self.sample_losses(model(*xb), yb)
-        finally:
-            with torch.no_grad():
-                for b, s in zip(model.buffers(), saved): b.copy_(s)
+        with buffers_restored(model), torch.no_grad(): return self.sample_losses(model(*xb), yb)
 
     def check_finite(self, losses:Tensor):
         "Raise `FloatingPointError` if a loss of the batch is NaN or infinite"
@@ -179,14 +174,6 @@ class HardMiningCallback(Callback):
             self.check_finite(losses)
             return losses, len(losses)
         idx = self._dataset_indices()
-        need = int(idx.max()) + 1 if len(idx) else 0
-        if self._loss_table is None or len(self._loss_table) < need:
-            # one row per dataset item, on the training device; a new item has never been scored
-            size = max(need, getattr(self.dl, 'n', 0) or 0)
-            table, scored_at = torch.zeros(size, device=idx.device), torch.full((size,), -2**62, device=idx.device)
-            if self._loss_table is not None:
-                table[:len(self._loss_table)], scored_at[:len(self._scored_at)] = self._loss_table, self._scored_at
-            self._loss_table, self._scored_at = table, scored_at
         # a loss scored `staleness` epochs ago or less is reused; the others are scored now
         stale = (self._scored_at[idx] < self.epoch - self.staleness).nonzero().flatten()
         if len(stale):
@@ -210,12 +197,23 @@ class HardMiningCallback(Callback):
                                 f"{type(self.dl).__name__} does not give: train with a fastai `DataLoader` (or one of its "
                                 f"subclasses such as `TfmdDL`), or use `staleness=0`")
             self._epoch_idxs = torch.as_tensor(list(idxs), dtype=torch.long, device=device)
+            self._grow_loss_table(int(self._epoch_idxs.max()) + 1 if len(self._epoch_idxs) else 0, device)
         start = self.iter * self.dl.bs
         idx = self._epoch_idxs[start:start + n]
         if len(idx) != n:
             raise RuntimeError(f"Training batch {self.iter} has {n} samples, but the DataLoader's index order for the "
                                f"epoch has {len(idx)} left at position {start}: cannot match cached losses to samples")
         return idx
+
+    def _grow_loss_table(self, size:int, device):
+        "Make the loss table hold at least `size` dataset items (one row each, on the training device)"
+        if self._loss_table is not None and len(self._loss_table) >= size: return
+        size = max(size, getattr(self.dl, 'n', 0) or 0)
+        # a new row has never been scored
+        table, scored_at = torch.zeros(size, device=device), torch.full((size,), -2**62, device=device)
+        if self._loss_table is not None:
+            table[:len(self._loss_table)], scored_at[:len(self._scored_at)] = self._loss_table, self._scored_at
+        self._loss_table, self._scored_at = table, scored_at
 
     def _fill(self, xb, yb):
         "The queued kept samples as one batch once they fill the loader's batch size (or the epoch ends), else None"

@@ -7,6 +7,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/core.html.md"""
 # %% ../nbs/00_core.ipynb #c003
 from __future__ import annotations
 import inspect, math
+from contextlib import contextmanager
 from numbers import Integral, Real
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['check_unit_interval', 'check_top_k', 'check_beta', 'batch_size', 'per_sample_loss', 'select_loss_fraction',
            'top_k_count', 'select_top_k', 'selective_backprop_probs', 'select_selective_backprop', 'LossHistory',
-           'subset_batch', 'concat_batches']
+           'subset_batch', 'concat_batches', 'buffers_restored']
 
 # %% ../nbs/00_core.ipynb #c006
 def check_unit_interval(name:str, value, low_open:bool=False) -> float:
@@ -220,3 +221,15 @@ def concat_batches(batches:list, # Batches of the same structure (tensors, or tu
     if isinstance(first, tuple) and hasattr(first, '_fields'): return type(first)(*parts)
     if isinstance(first, (list, tuple)): return type(first)(parts)
     return first
+
+# %% ../nbs/00_core.ipynb #c035
+@contextmanager
+def buffers_restored(model, # A `torch.nn.Module`
+                    ):
+    "Context that puts every buffer of `model` (BatchNorm running statistics, ...) and its train/eval mode back on exit"
+    saved, training = [b.clone() for b in model.buffers()], model.training
+    try: yield model
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved): b.copy_(s)
+        model.train(training)

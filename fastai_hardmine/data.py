@@ -34,13 +34,16 @@ class TensorDataLoader(DataLoader):
 
 # %% ../nbs/03_data.ipynb #c007
 def tensor_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor,
-               bs:int=64, # Batch size of both loaders
+               bs:int=64, # Batch size of the training loader
                drop_last:bool=False, # Drop the last partial training batch
-               device=None, # Device the batches are put on; default: fastai's default device
+               device=None, # Device the tensors are moved to once, up front; default: fastai's default device, per batch
+               valid_bs:int|None=None, # Batch size of the validation loader; default: `bs`
               ) -> DataLoaders:
     "Training (shuffled) and validation `TensorDataLoader`s over in-memory tensors"
+    # moved once here rather than batch by batch, so no host-to-device copy is timed with the steps
+    if device is not None: x_train, y_train, x_valid, y_valid = (t.to(device) for t in (x_train, y_train, x_valid, y_valid))
     train = TensorDataLoader(IndexedTensors(x_train, y_train), bs=bs, shuffle=True, drop_last=drop_last)
-    valid = TensorDataLoader(IndexedTensors(x_valid, y_valid), bs=bs, shuffle=False)
+    valid = TensorDataLoader(IndexedTensors(x_valid, y_valid), bs=valid_bs or bs, shuffle=False)
     return DataLoaders(train, valid, device=device)
 
 # %% ../nbs/03_data.ipynb #c009

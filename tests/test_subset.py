@@ -278,7 +278,7 @@ def test_staleness_reuses_cached_losses_aligned_with_samples(n, bs, drop_last, s
                 if i in fresh: assert l == last_scored[i][1], f"epoch {e}: sample {i} got another sample's loss"
                 else: last_scored[i] = (e, l)
     # every epoch starts fully scored or fully cached, except drop_last's never-seen samples
-    assert scored[0] == n_batches * bs if drop_last else n
+    assert scored[0] == (n_batches * bs if drop_last else n)
     assert scored[1] < scored[0]
 
 def test_stale_step_runs_no_scoring_forward():
