@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from numbers import Integral
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.modules.batchnorm import _BatchNorm
 from fastai.callback.core import Callback, CancelBatchException
@@ -20,7 +19,11 @@ from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, per_sample_loss, select_loss_fraction,
                                   select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch,
-                                  concat_batches, buffers_restored)
+                                  buffers_restored)
+from .store import SampleStore
+from .batch_indices import BatchIndices
+from .fill_queue import FillQueue, all_processes_agree
+from .records import MiningRecords, kept_loss_share
 
 # %% auto #0
 __all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
@@ -34,13 +37,8 @@ def _add_highest_dropped(losses:Tensor, idx:Tensor, n:int) -> Tensor:
     left[idx] = -torch.inf
     return torch.cat([idx, left.topk(n - len(idx)).indices]).sort().values
 
-def _on_all_ranks(flag:bool, like:tuple) -> bool:
-    "`flag` on every process of a distributed run (True only if all say so), or `flag` itself when not distributed"
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return flag
-    # every rank must agree to step or skip together, or the ranks that step wait forever in DDP's all-reduce
-    t = torch.tensor(int(flag), device=like[0].device if dist.get_backend() == 'nccl' else 'cpu')
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+def _model_device(model) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 class HardMiningCallback(Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
@@ -56,13 +54,13 @@ class HardMiningCallback(Callback):
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
         # subset mode scores in `before_batch`, which must run inside the autocast `MixedPrecision` enters there
         if mode == 'subset': self.order = MixedPrecision.order + 1
-        self.active, self._fit_pending = False, False
+        self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
         self.fill_batch, self.staleness = False, 0
-        self._queue, self._queued, self._deferred = [], 0, False
-        self._loss_table = self._scored_at = self._epoch_idxs = None
+        self.records, self.queue = MiningRecords(), FillQueue()
+        # the per-sample store and the batches' dataset indices, made when a fit that needs them starts
+        self.store, self.batch_indices = None, None
         self._min_rows = 1
-        self._reset_records()
 
     @property
     def name(self):
@@ -77,13 +75,22 @@ class HardMiningCallback(Callback):
         "True when the rule keeps every sample of a batch of `n` whatever the losses: the batch is then trained as is"
         return False
 
+    def store_users(self) -> list[str]:
+        "The options in use that need the per-sample store (and so each batch's dataset indices)"
+        return ['`staleness`'] if self.staleness else []
+
+    def reset(self):
+        "Forget what earlier fits recorded (called when a fit starts training)"
+        self.records.reset()
+        self.store, self.batch_indices = None, None
+
     def before_fit(self):
         # `validate` and `get_preds` send `before_fit` too: only the first training epoch starts a new record
         self._fit_pending = True
 
     def before_train(self):
-        self._clear_queue()
-        self._epoch_idxs = None
+        self.queue.clear()
+        if self.batch_indices is not None: self.batch_indices.new_epoch()
         if not self._fit_pending: return
         self._fit_pending = False
         others = [cb for cb in self.learn.cbs if isinstance(cb, HardMiningCallback) and cb is not self]
@@ -95,17 +102,16 @@ class HardMiningCallback(Callback):
         # BatchNorm cannot train on one sample: with it, subset mode never forwards fewer than two
         self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in self.learn.model.modules()) else 1
         self.reset()
+        users = self.store_users()
+        if self.active and users:
+            # here, before the first batch: a loader that cannot be mapped fails now, not mid-epoch
+            self.batch_indices = BatchIndices(self.dl, needed_by=' and '.join(users))
+            self.store = SampleStore(self.batch_indices.size, device=_model_device(self.learn.model))
 
-    def reset(self):
-        "Forget what earlier fits recorded (called when a fit starts training)"
-        self._reset_records()
-        self._loss_table = self._scored_at = None
-
-    def after_fit(self): self._clear_queue()
-    def after_cancel_train(self): self._clear_queue()
-    def after_cancel_fit(self): self._clear_queue()
-
-    def _clear_queue(self): self._queue, self._queued = [], 0
+    def after_train(self): self.records.end_epoch()
+    def after_fit(self): self.queue.clear()
+    def after_cancel_train(self): self.queue.clear()
+    def after_cancel_fit(self): self.queue.clear()
 
     def sample_losses(self, pred=None, yb=None) -> Tensor:
         "Per-sample losses of `pred` against `yb` (default: the Learner's prediction and targets), with their graph"
@@ -139,23 +145,28 @@ class HardMiningCallback(Callback):
 
     def before_batch(self):
         if self.mode != 'subset' or not self._mining(): return
-        if self._kept_whole(): return
-        losses, n_scored = self._batch_losses()
+        ids = self._batch_ids()
+        if self._kept_whole(ids): return
+        losses, scored = self._batch_losses(ids)
         idx = self.select(losses)
         if len(idx) < self._min_rows <= len(losses): idx = _add_highest_dropped(losses, idx, self._min_rows)
         self._batch_loss = losses.mean()
         xb, yb = self.xb, self.yb
         if len(idx) < len(losses): xb, yb = subset_batch(xb, idx), subset_batch(yb, idx)
+        trained_ids = None if ids is None else ids[idx]
+        if self.store is not None: self.store.count(scored=ids if scored is None else ids[scored], kept=trained_ids)
+        n_scored = len(losses) if scored is None else len(scored)
         if self.fill_batch:
-            batch = self._fill(xb, yb)
+            batch = self._fill(xb, yb, trained_ids)
             if batch is None:
                 # nothing to train yet: skip fastai's forward, backward and step, but log the batch's loss
-                self._record(losses, idx, n_scored, 0)
+                self.records.add(len(losses), len(idx), n_scored, 0, kept_loss_share(losses, idx))
                 self.learn.loss = self._batch_loss
                 self._deferred = True
                 raise CancelBatchException()
-            xb, yb = batch
-        self._record(losses, idx, n_scored, batch_size(yb))
+            xb, yb, trained_ids = batch
+        self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
+        if self.store is not None: self.store.count(trained=trained_ids)
         if xb is not self.xb: self.learn.xb, self.learn.yb = xb, yb
 
     def after_cancel_batch(self):
@@ -167,68 +178,26 @@ class HardMiningCallback(Callback):
             if isinstance(cb, MixedPrecision) and getattr(cb, 'autocast', None) is not None:
                 cb.autocast.__exit__(None, None, None)
 
-    def _batch_losses(self) -> tuple[Tensor, int]:
-        "Per-sample losses of the batch, from the loss table where fresh enough, and how many samples were forwarded"
-        if not self.staleness:
-            losses = self.score()
+    def _batch_ids(self) -> Tensor|None:
+        "Dataset indices of the training batch's samples when the store is in use, else None"
+        if self.store is None: return None
+        return self.batch_indices(self.iter, batch_size(self.yb), self.store.device)
+
+    def _batch_losses(self, ids:Tensor|None) -> tuple[Tensor, Tensor|None]:
+        "Per-sample losses of the batch (reused from the store where fresh enough) and the positions scored (None: all)"
+        def score(pos=None):
+            losses = self.score(*((self.xb, self.yb) if pos is None else (subset_batch(self.xb, pos), subset_batch(self.yb, pos))))
             self.check_finite(losses)
-            return losses, len(losses)
-        idx = self._dataset_indices()
-        # a loss scored `staleness` epochs ago or less is reused; the others are scored now
-        stale = (self._scored_at[idx] < self.epoch - self.staleness).nonzero().flatten()
-        if len(stale):
-            whole = len(stale) >= len(idx) or len(stale) < self._min_rows
-            if whole: stale = torch.arange(len(idx), device=idx.device)
-            scores = self.score(self.xb if whole else subset_batch(self.xb, stale),
-                                self.yb if whole else subset_batch(self.yb, stale))
-            self.check_finite(scores)
-            self._loss_table[idx[stale]] = scores.to(self._loss_table.dtype)
-            self._scored_at[idx[stale]] = self.epoch
-        return self._loss_table[idx], len(stale)
+            return losses
+        if not self.staleness: return score(), None
+        return self.store.losses(ids, self.epoch, self.staleness, score, self._min_rows)
 
-    def _dataset_indices(self) -> Tensor:
-        "Dataset indices of the current training batch's samples, from the DataLoader's order for the epoch"
-        n, device = batch_size(self.yb), self.yb[0].device
-        if self._epoch_idxs is None:
-            # fastai's DataLoader draws the epoch's index order when iteration starts; batch i is its slice i
-            idxs = getattr(self.dl, '_DataLoader__idxs', None)
-            if idxs is None:
-                raise TypeError(f"`staleness` needs the dataset indices of each training batch, which a "
-                                f"{type(self.dl).__name__} does not give: train with a fastai `DataLoader` (or one of its "
-                                f"subclasses such as `TfmdDL`), or use `staleness=0`")
-            self._epoch_idxs = torch.as_tensor(list(idxs), dtype=torch.long, device=device)
-            self._grow_loss_table(int(self._epoch_idxs.max()) + 1 if len(self._epoch_idxs) else 0, device)
-        start = self.iter * self.dl.bs
-        idx = self._epoch_idxs[start:start + n]
-        if len(idx) != n:
-            raise RuntimeError(f"Training batch {self.iter} has {n} samples, but the DataLoader's index order for the "
-                               f"epoch has {len(idx)} left at position {start}: cannot match cached losses to samples")
-        return idx
-
-    def _grow_loss_table(self, size:int, device):
-        "Make the loss table hold at least `size` dataset items (one row each, on the training device)"
-        if self._loss_table is not None and len(self._loss_table) >= size: return
-        size = max(size, getattr(self.dl, 'n', 0) or 0)
-        # a new row has never been scored
-        table, scored_at = torch.zeros(size, device=device), torch.full((size,), -2**62, device=device)
-        if self._loss_table is not None:
-            table[:len(self._loss_table)], scored_at[:len(self._scored_at)] = self._loss_table, self._scored_at
-        self._loss_table, self._scored_at = table, scored_at
-
-    def _fill(self, xb, yb):
-        "The queued kept samples as one batch once they fill the loader's batch size (or the epoch ends), else None"
-        self._queue.append((xb, yb))
-        self._queued += batch_size(yb)
-        full, last = self.dl.bs, self.iter == self.n_iter - 1
-        if not _on_all_ranks(self._queued >= full or last, yb): return None
-        xb, yb = concat_batches([b[0] for b in self._queue]), concat_batches([b[1] for b in self._queue])
-        n = self._queued
-        self._clear_queue()
-        if last or n <= full: return xb, yb
-        # train a full batch now; the rest waits for the next one
-        rest, now = slice(full, None), slice(None, full)
-        self._queue, self._queued = [(subset_batch(xb, rest), subset_batch(yb, rest))], n - full
-        return subset_batch(xb, now), subset_batch(yb, now)
+    def _fill(self, xb, yb, ids):
+        "The queued kept samples `(xb, yb, ids)` once they fill the loader's batch size (or the epoch ends), else None"
+        self.queue.push((xb, yb, ids))
+        last = self.iter == self.n_iter - 1
+        if not all_processes_agree(self.queue.ready(self.dl.bs, last), self.yb[0].device): return None
+        return self.queue.pop(self.dl.bs, last)
 
     def after_loss(self):
         if not self._mining(): return
@@ -242,65 +211,51 @@ class HardMiningCallback(Callback):
         self.check_finite(detached)
         idx = self.select(detached)
         self.learn.loss_grad = losses[idx].mean()
-        self._record(detached, idx, 0, len(losses))
+        self.records.add(len(losses), len(idx), 0, len(losses), kept_loss_share(detached, idx))
 
-    def _kept_whole(self) -> bool:
+    def _kept_whole(self, ids:Tensor|None=None) -> bool:
         "Record and skip a batch the rule keeps whole: no scoring, no per-sample loss, the plain fastai step"
         self._batch_loss = None
         n = batch_size(self.yb)
         if n is None or not self.keeps_all(n): return False
-        self._sizes.append(n); self._kept.append(n); self._scored.append(0); self._trained.append(n)
         # on the batch's device, like the shares of the batches that were scored
-        self._shares.append(torch.ones((), device=self.yb[0].device))
+        self.records.add(n, n, 0, n, torch.ones((), device=self.yb[0].device))
+        if ids is not None: self.store.count(kept=ids, trained=ids)
         return True
-
-    def _record(self, losses:Tensor, idx:Tensor, scored:int, trained:int):
-        self._sizes.append(len(losses))
-        self._kept.append(len(idx))
-        self._scored.append(scored)
-        self._trained.append(trained)
-        # kept share of the batch's loss stays on the device: no host sync per batch
-        total = losses.sum()
-        self._shares.append(torch.where(total > 0, losses[idx].sum() / total, losses.new_ones(())))
-
-    def _reset_records(self):
-        self._sizes, self._kept, self._shares, self._scored, self._trained = [], [], [], [], []
 
     @property
     def batch_sizes(self) -> Tensor:
         "Size of each training batch seen since the start of `fit`"
-        return torch.tensor(self._sizes, dtype=torch.long)
+        return self.records.batch_sizes
 
     @property
     def kept(self) -> Tensor:
         "Number of samples kept in each training batch seen since the start of `fit`"
-        return torch.tensor(self._kept, dtype=torch.long)
+        return self.records.kept
 
     @property
     def scored(self) -> Tensor:
         "Samples of each training batch forwarded by the no-grad scoring pass (0 in mask mode and for cached losses)"
-        return torch.tensor(self._scored, dtype=torch.long)
+        return self.records.scored
 
     @property
     def trained(self) -> Tensor:
         "Samples fastai's training forward and backward ran on in each training batch (0 when `fill_batch` deferred it)"
-        return torch.tensor(self._trained, dtype=torch.long)
+        return self.records.trained
 
     @property
     def kept_loss_share(self) -> Tensor:
         "Share of each training batch's total loss carried by the kept samples"
-        if not self._shares: return torch.zeros(0)
-        # one device-to-host copy for the whole history, when it is read
-        return torch.stack(self._shares).float().cpu()
+        return self.records.kept_loss_share
 
     @property
     def kept_share(self) -> Tensor:
         "Share of the samples kept in each training batch"
-        return self.kept.float() / self.batch_sizes.clamp_min(1)
+        return self.records.kept_share
 
     def mean_kept_share(self) -> float:
         "Share of all training samples seen since the start of `fit` that were kept"
-        return self.kept.sum().item() / max(1, self.batch_sizes.sum().item())
+        return self.records.mean_kept_share()
 
 # %% ../nbs/01_callback.ipynb #c009
 class BatchLossFilterCallback(HardMiningCallback):
