@@ -3,8 +3,12 @@ import json, math
 import pytest
 import torch
 from fastai.losses import CrossEntropyLossFlat
-from fastai_hardmine.bench import (TASKS, bench_config, run_task, train_arm, time_to_accuracy, mnist1d_data, mlp, main,
-                                   format_task_table, plot_task, digits_data)
+from fastai_hardmine.data import digits_data
+from fastai_hardmine.bench_data import TASKS, bench_config, mnist1d_data
+from fastai_hardmine.bench_models import mlp
+from fastai_hardmine.bench_run import run_task, train_arm, time_to_accuracy
+from fastai_hardmine.bench_report import format_task_table, plot_task
+from fastai_hardmine.bench import main
 
 SEEDS, EPOCHS, N_SAMPLES = 2, 2, 1000
 N_TRAIN = int(N_SAMPLES * 0.8)
