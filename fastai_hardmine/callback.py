@@ -10,16 +10,15 @@ import torch
 from torch import Tensor
 from fastcore.basics import patch
 from numbers import Integral
-from torch.nn.parallel import DistributedDataParallel
 from torch.nn.modules.batchnorm import _BatchNorm
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
-from .core import (check_unit_interval, check_top_k, check_beta, batch_size, per_sample_loss, select_loss_fraction,
-                                  select_top_k, top_k_count, select_selective_backprop, LossHistory, subset_batch,
-                                  buffers_restored)
+from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
+                                  top_k_count, select_selective_backprop, LossHistory, subset_batch)
+from . import scoring
 from .store import SampleStore
 from .batch_indices import BatchIndices
 from .fill_queue import FillQueue, all_processes_agree
@@ -115,31 +114,16 @@ class HardMiningCallback(Callback):
 
     def sample_losses(self, pred=None, yb=None) -> Tensor:
         "Per-sample losses of `pred` against `yb` (default: the Learner's prediction and targets), with their graph"
-        pred = self.pred if pred is None else pred
-        yb = self.yb if yb is None else yb
-        if self.per_sample_loss_func is not None:
-            return per_sample_loss(self.per_sample_loss_func, pred, *yb, is_per_sample=True)
-        return per_sample_loss(self.learn.loss_func, pred, *yb)
+        return scoring.sample_losses(self.learn.loss_func, self.pred if pred is None else pred,
+                                     self.yb if yb is None else yb, self.per_sample_loss_func)
 
     def score(self, xb=None, yb=None) -> Tensor:
         "Per-sample losses of `xb` (default: the whole batch) from a no-grad forward that leaves every buffer as it was"
-        xb = self.xb if xb is None else xb
-        model = self.learn.model
-        # DDP's forward starts with collectives (buffer broadcast): through the wrapped module, scoring runs
-        # on each process alone, so processes that score different numbers of samples cannot deadlock
-        if isinstance(model, DistributedDataParallel): model = model.module
-        # train mode, so the ranking sees the losses the training forward would give (BatchNorm on batch
-        # statistics, dropout on); the buffers that forward updates are put back afterwards
-        with buffers_restored(model), torch.no_grad(): return self.sample_losses(model(*xb), yb)
+        return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, lambda pred: self.sample_losses(pred, yb))
 
     def check_finite(self, losses:Tensor):
         "Raise `FloatingPointError` if a loss of the batch is NaN or infinite"
-        finite = torch.isfinite(losses)
-        if not finite.all():
-            raise FloatingPointError(
-                f"{type(self).__name__}: {int((~finite).sum())} of {len(losses)} per-sample losses are NaN or "
-                f"infinite in training batch {self.iter} of epoch {self.epoch}. Lower the learning rate, check "
-                f"the inputs and targets of that batch, or add `GradientClip`.")
+        scoring.check_finite(losses, f"{type(self).__name__}, training batch {self.iter} of epoch {self.epoch}")
 
     def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
 
@@ -223,35 +207,16 @@ class HardMiningCallback(Callback):
         if ids is not None: self.store.count(kept=ids, trained=ids)
         return True
 
-    @property
-    def batch_sizes(self) -> Tensor:
-        "Size of each training batch seen since the start of `fit`"
-        return self.records.batch_sizes
-
-    @property
-    def kept(self) -> Tensor:
-        "Number of samples kept in each training batch seen since the start of `fit`"
-        return self.records.kept
-
-    @property
-    def scored(self) -> Tensor:
-        "Samples of each training batch forwarded by the no-grad scoring pass (0 in mask mode and for cached losses)"
-        return self.records.scored
-
-    @property
-    def trained(self) -> Tensor:
-        "Samples fastai's training forward and backward ran on in each training batch (0 when `fill_batch` deferred it)"
-        return self.records.trained
-
-    @property
-    def kept_loss_share(self) -> Tensor:
-        "Share of each training batch's total loss carried by the kept samples"
-        return self.records.kept_loss_share
-
-    @property
-    def kept_share(self) -> Tensor:
-        "Share of the samples kept in each training batch"
-        return self.records.kept_share
+    # the records, read through the callback: tensors on the CPU, one entry per training batch since `fit` started
+    batch_sizes = property(lambda self: self.records.batch_sizes, doc="Size of each training batch")
+    kept = property(lambda self: self.records.kept, doc="Number of samples kept in each training batch")
+    scored = property(lambda self: self.records.scored,
+                      doc="Samples of each training batch forwarded by the no-grad scoring pass (0 in mask mode and for stored losses)")
+    trained = property(lambda self: self.records.trained,
+                       doc="Samples fastai's training forward and backward ran on in each training batch (0 when `fill_batch` deferred it)")
+    kept_loss_share = property(lambda self: self.records.kept_loss_share,
+                               doc="Share of each training batch's total loss carried by the kept samples")
+    kept_share = property(lambda self: self.records.kept_share, doc="Share of the samples kept in each training batch")
 
     def mean_kept_share(self) -> float:
         "Share of all training samples seen since the start of `fit` that were kept"
