@@ -135,13 +135,12 @@ class HardMiningCallback(Callback):
         idx = self.select(losses)
         if len(idx) < self._min_rows <= len(losses): idx = _add_highest_dropped(losses, idx, self._min_rows)
         self._batch_loss = losses.mean()
-        xb, yb = self.xb, self.yb
-        if len(idx) < len(losses): xb, yb = subset_batch(xb, idx), subset_batch(yb, idx)
-        trained_ids = None if ids is None else ids[idx]
-        if self.store is not None: self.store.count(scored=ids if scored is None else ids[scored], kept=trained_ids)
         n_scored = len(losses) if scored is None else len(scored)
+        xb, yb, kept_ids = self.xb, self.yb, None if ids is None else ids[idx]
+        if len(idx) < len(losses): xb, yb = subset_batch(xb, idx), subset_batch(yb, idx)
+        if ids is not None: self._count(ids, scored, kept_ids)
         if self.fill_batch:
-            batch = self._fill(xb, yb, trained_ids)
+            batch = self._fill(xb, yb, kept_ids)
             if batch is None:
                 # nothing to train yet: skip fastai's forward, backward and step, but log the batch's loss
                 self.records.add(len(losses), len(idx), n_scored, 0, kept_loss_share(losses, idx))
@@ -149,9 +148,14 @@ class HardMiningCallback(Callback):
                 self._deferred = True
                 raise CancelBatchException()
             xb, yb, trained_ids = batch
+            if ids is not None: self.store.count(trained_ids, trained=True)
         self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
-        if self.store is not None: self.store.count(trained=trained_ids)
         if xb is not self.xb: self.learn.xb, self.learn.yb = xb, yb
+
+    def _count(self, ids:Tensor, scored:Tensor|None, kept_ids:Tensor):
+        "Count the batch's samples in the store: those scored, those kept, and those trained unless `fill_batch` queues them"
+        if scored is None or len(scored): self.store.count(ids if scored is None else ids[scored], scored=True)
+        self.store.count(kept_ids, kept=True, trained=not self.fill_batch)
 
     def after_cancel_batch(self):
         if not self._deferred: return
@@ -204,7 +208,7 @@ class HardMiningCallback(Callback):
         if n is None or not self.keeps_all(n): return False
         # on the batch's device, like the shares of the batches that were scored
         self.records.add(n, n, 0, n, torch.ones((), device=self.yb[0].device))
-        if ids is not None: self.store.count(kept=ids, trained=ids)
+        if ids is not None: self.store.count(ids, kept=True, trained=True)
         return True
 
     # the records, read through the callback: tensors on the CPU, one entry per training batch since `fit` started

@@ -27,14 +27,21 @@ class SampleStore:
             raise ValueError(f"`size` must be an int >= 0 (the number of dataset items), got {size!r}")
         self.loss = torch.zeros(size, device=device)
         self.measured_at = torch.full((size,), NEVER, dtype=torch.long, device=device)
-        self.times_scored, self.times_kept, self.times_trained = (
-            torch.zeros(size, dtype=torch.long, device=device) for _ in range(3))
+        # the three counters side by side, so that one `index_add_` counts a sample in several of them
+        self.counts = torch.zeros(size, 3, dtype=torch.long, device=device)
+        self._steps = {}
 
     def __len__(self): return len(self.loss)
     def __repr__(self): return f"{type(self).__name__}({len(self)} samples on {self.device})"
 
     @property
     def device(self) -> torch.device: return self.loss.device
+    @property
+    def times_scored(self) -> Tensor: return self.counts[:, 0]
+    @property
+    def times_kept(self) -> Tensor: return self.counts[:, 1]
+    @property
+    def times_trained(self) -> Tensor: return self.counts[:, 2]
 
     def record_losses(self,
                       idx:Tensor, # Dataset indices
@@ -64,7 +71,7 @@ class SampleStore:
         "The batch's losses, measuring only the samples with no fresh enough loss; and the positions that were measured"
         idx = idx.to(self.device)
         # the one host sync: how many samples need a forward decides the shape of that forward
-        stale = (~self.fresh(idx, epoch, max_age)).nonzero().flatten()
+        stale = (self.measured_at[idx] < epoch - max_age).nonzero().flatten()
         if len(stale):
             if len(stale) >= len(idx) or len(stale) < min_scored:
                 stale = torch.arange(len(idx), device=self.device)
@@ -74,12 +81,13 @@ class SampleStore:
         return self.loss[idx], stale
 
     def count(self,
-              scored:Tensor|None=None, # Dataset indices of samples scored now
-              kept:Tensor|None=None, # ... kept by the rule
-              trained:Tensor|None=None, # ... trained on by the step
+              idx:Tensor, # Dataset indices of the samples to count (an index given twice counts twice)
+              scored:bool=False, # Count them as scored now
+              kept:bool=False, # ... as kept by the rule
+              trained:bool=False, # ... as trained on by the step
              ):
-        "Add one to the counters of the samples given (an index given twice counts twice)"
-        for counter, idx in ((self.times_scored, scored), (self.times_kept, kept), (self.times_trained, trained)):
-            if idx is not None and len(idx):
-                idx = idx.to(self.device)
-                counter.index_add_(0, idx, torch.ones_like(idx))
+        "Add one to the chosen counters of the samples `idx`, in one indexing operation"
+        if not len(idx): return
+        key = (scored, kept, trained)
+        if key not in self._steps: self._steps[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        self.counts.index_add_(0, idx.to(self.device), self._steps[key].expand(len(idx), 3))
