@@ -6,6 +6,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/callback.html.md"""
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
+from contextlib import nullcontext
 import torch
 from torch import Tensor
 from fastcore.basics import patch
@@ -14,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.mixup import MixHandler
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
@@ -51,7 +53,8 @@ class HardMiningCallback(Callback):
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
-        # subset mode scores in `before_batch`, which must run inside the autocast `MixedPrecision` enters there
+        # subset mode scores in `before_batch`: just after `MixedPrecision` enters its autocast there, or before a
+        # MixUp-like callback mixes the batch (see `before_fit`)
         if mode == 'subset': self.order = MixedPrecision.order + 1
         self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
@@ -86,6 +89,11 @@ class HardMiningCallback(Callback):
     def before_fit(self):
         # `validate` and `get_preds` send `before_fit` too: only the first training epoch starts a new record
         self._fit_pending = True
+        if self.mode == 'subset':
+            # select before MixUp/CutMix mix the batch, so that only the kept samples are mixed (fastai runs the
+            # callbacks in `order` at every event, so the new place holds from the next event on)
+            mixers = [cb.order for cb in self.learn.cbs if isinstance(cb, MixHandler)]
+            self.order = min(mixers) - 1 if mixers else MixedPrecision.order + 1
 
     def before_train(self):
         self.queue.clear()
@@ -118,8 +126,18 @@ class HardMiningCallback(Callback):
                                      self.yb if yb is None else yb, self.per_sample_loss_func)
 
     def score(self, xb=None, yb=None) -> Tensor:
-        "Per-sample losses of `xb` (default: the whole batch) from a no-grad forward that leaves every buffer as it was"
-        return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, lambda pred: self.sample_losses(pred, yb))
+        "Per-sample losses of `xb` (default: the whole batch, before any mixing) from a no-grad forward that leaves every buffer as it was"
+        yb = self.yb if yb is None else yb
+        def losses_of(pred):
+            return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
+        with self._autocast(): return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of)
+
+    def _autocast(self):
+        "The autocast of a `MixedPrecision` that runs after this callback (so has not entered it for this batch), else none"
+        for cb in self.learn.cbs:
+            if isinstance(cb, MixedPrecision) and cb.order > self.order and getattr(cb, 'autocast', None) is not None:
+                return cb.autocast
+        return nullcontext()
 
     def check_finite(self, losses:Tensor):
         "Raise `FloatingPointError` if a loss of the batch is NaN or infinite"
@@ -160,10 +178,10 @@ class HardMiningCallback(Callback):
     def after_cancel_batch(self):
         if not self._deferred: return
         self._deferred = False
-        # `MixedPrecision.before_batch` (which runs before this callback) entered its autocast, and the
+        # a `MixedPrecision` that runs before this callback entered its autocast in `before_batch`, and the
         # `after_loss` that leaves it will not run for this batch: leave it here
         for cb in self.learn.cbs:
-            if isinstance(cb, MixedPrecision) and getattr(cb, 'autocast', None) is not None:
+            if isinstance(cb, MixedPrecision) and cb.order < self.order and getattr(cb, 'autocast', None) is not None:
                 cb.autocast.__exit__(None, None, None)
 
     def _batch_ids(self) -> Tensor|None:

@@ -10,18 +10,33 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from fastai.callback.mixup import MixHandler
 from .core import per_sample_loss, buffers_restored
 
 # %% auto #0
-__all__ = ['sample_losses', 'scoring_forward', 'check_finite']
+__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'check_finite']
 
 # %% ../nbs/08_scoring.ipynb #c005
+def mix_handler(loss_func) -> MixHandler|None:
+    "The `MixHandler` (fastai's `MixUp`, `CutMix`, ...) whose mixed loss `loss_func` is, or None"
+    owner = getattr(loss_func, '__self__', None)
+    return owner if isinstance(owner, MixHandler) else None
+
 def sample_losses(loss_func, # The Learner's loss function, made per-sample unless `per_sample_loss_func` is given
                   pred, # Model output for the batch
                   yb:tuple, # Targets of the batch
                   per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+                  mixed:bool=True, # Under MixUp/CutMix: the loss of the mixed batch (True) or of the batch before mixing
                  ) -> Tensor:
     "One loss per sample of `pred` against `yb`, with its graph"
+    mix = mix_handler(loss_func)
+    if mix is not None:
+        # `MixHandler.lf` lerps the loss it replaced between the shuffled and the original targets with `lam`;
+        # the same, one loss per sample (before mixing, the loss it replaced on the targets as they are)
+        def unmixed(y): return sample_losses(mix.old_lf, pred, y, per_sample_loss_func)
+        if not mixed: return unmixed(yb)
+        loss = unmixed(yb)
+        return torch.lerp(unmixed(mix.yb1), loss, mix.lam.to(loss.dtype))
     if per_sample_loss_func is not None: return per_sample_loss(per_sample_loss_func, pred, *yb, is_per_sample=True)
     return per_sample_loss(loss_func, pred, *yb)
 
