@@ -64,6 +64,21 @@ class HardMiningCallback(Callback):
         self.store, self.batch_indices = None, None
         self._min_rows = 1
 
+    def __call__(self, event_name):
+        try: return super().__call__(event_name)
+        except Exception as e:
+            # fastai has rewritten the message as this callback's; an error of the user's model, met in the scoring
+            # forward, gets the model's own message back (with a note saying where it happened)
+            if hasattr(e, 'model_args'): e.args = e.model_args
+            raise
+
+    def __getstate__(self):
+        # `learn.export()` pickles the Learner with its callbacks: keep the settings, drop what a fit records
+        # (records, per-sample store, queue), which a new fit starts afresh anyway
+        state = self.__dict__.copy()
+        state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None)
+        return state
+
     @property
     def name(self):
         # the class-derived names (`top_k`, ...) would hide the Learner methods of the same names
@@ -301,6 +316,13 @@ class SelectiveBackpropCallback(HardMiningCallback):
     def reset(self):
         super().reset()
         self.history.reset()
+
+    def __getstate__(self):
+        # the loss history and the generator are run state too: a fit resets the history, and the generator is
+        # made again from `seed` when next needed
+        state = super().__getstate__()
+        state.update(history=LossHistory(self.history.size), generator=None)
+        return state
 
     def _generator(self, device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:

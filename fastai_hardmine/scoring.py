@@ -40,13 +40,28 @@ def sample_losses(loss_func, # The Learner's loss function, made per-sample unle
     if per_sample_loss_func is not None: return per_sample_loss(per_sample_loss_func, pred, *yb, is_per_sample=True)
     return per_sample_loss(loss_func, pred, *yb)
 
+def _from_the_model(e:Exception) -> Exception:
+    "`e`, raised by the user's model in the scoring forward, with a note saying so and its own message kept for re-raising"
+    note = ("(Raised by the model in the hard-mining callback's scoring forward: the no-grad forward of the whole "
+            "training batch that mode='subset' runs before fastai's own forward. fastai's forward of this batch would "
+            "meet the model with the same input; mode='mask' runs no scoring forward.)")
+    # fastai rewrites the message of any exception raised in a callback as the callback's own: the callback puts
+    # these args back (see `HardMiningCallback.__call__`), so the user sees the model's error as the model raised it
+    e.model_args = e.args
+    if hasattr(e, 'add_note'): e.add_note(note)
+    elif e.args and isinstance(e.args[0], str): e.model_args = (f"{e.args[0]}\n{note}", *e.args[1:])
+    return e
+
 def scoring_forward(model, # The training model (a `DistributedDataParallel` wrapper is looked through)
                     xb:tuple, # Inputs of the batch
                     losses_of:Callable, # Function of the prediction returning the per-sample losses
                    ) -> Tensor:
     "Per-sample losses of `xb` from a no-grad forward in train mode that leaves every buffer and the mode of `model` as they were"
     if isinstance(model, DistributedDataParallel): model = model.module
-    with buffers_restored(model), torch.no_grad(): return losses_of(model(*xb))
+    with buffers_restored(model), torch.no_grad():
+        try: pred = model(*xb)
+        except Exception as e: raise _from_the_model(e)
+        return losses_of(pred)
 
 def check_finite(losses:Tensor, # Per-sample losses of a batch
                  where:str, # What to name in the error: the callback, batch and epoch

@@ -1,0 +1,103 @@
+"What `learn.export()` keeps of a miner (its settings, none of its run state), and errors of the user's model met in the scoring forward."
+import pickle, subprocess, sys
+import pytest
+import torch
+from torch import nn
+from fastai.learner import load_learner
+from fastai_hardmine.callback import TopKCallback, BatchLossFilterCallback, SelectiveBackpropCallback
+from test_callback import make_learner, digits, mlp_bn
+from test_subset import one_thread  # noqa: F401 (fixture)
+
+MINERS = {
+    'top_k subset': lambda: TopKCallback(16), 'top_k mask': lambda: TopKCallback(16, mode='mask'),
+    'loss_filter subset': lambda: BatchLossFilterCallback(0.6), 'loss_filter mask': lambda: BatchLossFilterCallback(0.6, mode='mask'),
+    'selective subset': lambda: SelectiveBackpropCallback(2, seed=0),
+    'selective mask': lambda: SelectiveBackpropCallback(2, seed=0, mode='mask'),
+    'selective staleness fill': lambda: SelectiveBackpropCallback(2, seed=0, staleness=1, fill_batch=True),
+}
+
+def bigger_digits(times):
+    xt, yt, xv, yv = digits()
+    return xt.repeat(times, 1), yt.repeat(times), xv, yv
+
+@pytest.mark.parametrize('name', MINERS)
+def test_export_keeps_settings_not_run_state(name, tmp_path):
+    sizes = []
+    for times in (1, 4):
+        learn = make_learner(cbs=MINERS[name](), data=bigger_digits(times))
+        learn.fit(1, 1e-2)
+        miner = learn.hard_miner
+        assert len(miner.kept) > 0
+        learn.export(tmp_path/'with.pkl')
+        learn.remove_cb(miner)
+        learn.export(tmp_path/'without.pkl')
+        sizes.append((tmp_path/'with.pkl').stat().st_size - (tmp_path/'without.pkl').stat().st_size)
+        # the callback in the Learner is untouched by the export
+        assert len(miner.kept) > 0 and (miner.store is not None) == ('staleness' in name)
+        loaded = load_learner(tmp_path/'with.pkl').hard_miner
+        assert type(loaded) is type(miner) and loaded.mode == miner.mode and len(loaded.kept) == 0
+        assert loaded.store is None and len(loaded.queue) == 0
+        for attr in ('k', 'min_loss_perc', 'min_sample_perc', 'beta', 'seed', 'staleness', 'fill_batch'):
+            assert getattr(loaded, attr, None) == getattr(miner, attr, None)
+        if isinstance(miner, SelectiveBackpropCallback):
+            assert loaded.generator is None and len(loaded.history.values) == 0
+            assert loaded.history.size == miner.history.size
+    # the miner adds under 1.5 KB to the export, whatever the size of the training set
+    assert all(0 < s < 1536 for s in sizes), sizes
+
+SCRIPT = """
+import sys, torch
+from fastai.learner import load_learner
+learn = load_learner(sys.argv[1])
+torch.save(torch.stack([learn.predict(i)[2] for i in range(1437, 1447)]), sys.argv[2])
+"""
+
+@pytest.mark.parametrize('name', ['top_k subset', 'selective staleness fill'])
+def test_load_learner_in_a_fresh_process_predicts_as_before(name, tmp_path):
+    learn = make_learner(cbs=MINERS[name]())
+    learn.fit(1, 1e-2)
+    # items of the validation split are indices 1437.. of the data set
+    expected = torch.stack([learn.predict(i)[2] for i in range(1437, 1447)])
+    learn.export(tmp_path/'export.pkl')
+    subprocess.run([sys.executable, '-c', SCRIPT, str(tmp_path/'export.pkl'), str(tmp_path/'preds.pt')], check=True,
+                   capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path/'preds.pt'), expected)
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors of the user's model
+
+def one_sample_last_batch():
+    "digits with 1 + a multiple of 64 training samples: the last training batch holds one sample"
+    xt, yt, xv, yv = digits()
+    n = len(xt) // 64 * 64 + 1
+    return xt[:n], yt[:n], xv, yv
+
+@pytest.mark.parametrize('make, scores', [(lambda: TopKCallback(16), False), (lambda: BatchLossFilterCallback(0.6), True),
+                                          (lambda: SelectiveBackpropCallback(2, seed=0), True)])
+def test_model_error_in_scoring_forward_surfaces_as_the_model_raised_it(make, scores):
+    "A batch of one through BatchNorm fails as in plain fastai, not as the miner's error, with a note saying where"
+    # top-k keeps a batch of one whole, so fastai's own forward meets the error (no scoring forward, no note)
+    plain = make_learner(model_fn=mlp_bn, data=one_sample_last_batch(), shuffle=False)
+    with pytest.raises(ValueError) as expected: plain.fit(1, 1e-2)
+    learn = make_learner(cbs=make(), model_fn=mlp_bn, data=one_sample_last_batch(), shuffle=False)
+    loss_func = learn.loss_func
+    with pytest.raises(ValueError) as got: learn.fit(1, 1e-2)
+    assert got.value.args == expected.value.args and 'Expected more than 1 value per channel' in str(got.value)
+    assert 'Exception occured in' not in str(got.value)
+    notes = getattr(got.value, '__notes__', [])
+    assert any("hard-mining callback's scoring forward" in n for n in notes) == scores
+    assert learn.loss_func is loss_func and loss_func.reduction == 'mean'
+
+def test_shape_mismatch_in_the_model_surfaces_as_the_model_raised_it():
+    class Wrong(nn.Module):
+        def __init__(self): super().__init__(); self.lin = nn.Linear(63, 10)
+        def forward(self, x): return self.lin(x)
+    with pytest.raises(RuntimeError) as expected: make_learner(model_fn=Wrong).fit(1)
+    with pytest.raises(RuntimeError) as got: make_learner(cbs=TopKCallback(16), model_fn=Wrong).fit(1)
+    assert got.value.args == expected.value.args and 'Exception occured in' not in str(got.value)
+
+def test_the_miners_own_errors_still_name_the_miner():
+    "An error of the miner itself (a loss it cannot make per-sample) keeps fastai's note naming the callback"
+    def loss(pred, y): return nn.functional.cross_entropy(pred, y)
+    with pytest.raises(TypeError, match=r'Exception occured in `TopKCallback`[\s\S]*Cannot compute a per-sample loss'):
+        make_learner(cbs=TopKCallback(16), loss_func=loss).fit(1)
