@@ -6,6 +6,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/callback.html.md"""
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
+import sys
 from contextlib import nullcontext
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
-from fastai.callback.rnn import RNNRegularizer
+from fastai.callback.rnn import RNNRegularizer, RNNCallback
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch)
@@ -37,6 +38,11 @@ def _add_highest_dropped(losses:Tensor, idx:Tensor, n:int) -> Tensor:
     left = losses.clone()
     left[idx] = -torch.inf
     return torch.cat([idx, left.topk(n - len(idx)).indices]).sort().values
+
+def _resize_rows(t:Tensor, n:int) -> Tensor:
+    "A hidden-state tensor (rows on dim 1) cut or zero-padded to `n` rows, as `AWD_LSTM` does for a new batch size"
+    if t.shape[1] >= n: return t[:, :n]
+    return torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1)
 
 def _model_device(model) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
@@ -60,6 +66,9 @@ class HardMiningCallback(Callback):
         # loader samples since the last trained batch (more than one loader batch when `fill_batch` deferred some), and
         # per `GradientAccumulation` of the fit: [callback, its count in loader samples, whether a step is due]
         self._loader_samples, self._accumulators = 0, []
+        # recurrent models: the modules whose hidden state carries across batches, the state the scoring forward
+        # reached, the kept rows of the batch in training; and whether `RNNCallback` unpacks the model's output
+        self._recurrent, self._reached, self._rows, self._unpack_output = [], {}, None, False
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
         self.fill_batch, self.staleness = False, 0
         self.records, self.queue = MiningRecords(), FillQueue()
@@ -129,6 +138,13 @@ class HardMiningCallback(Callback):
         self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in self.learn.model.modules()) else 1
         self.reset()
         self._accumulators = [[cb, 0, False] for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)]
+        self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
+        self._recurrent = scoring.carried_state_modules(self.learn.model) if self.mode == 'subset' else []
+        if self._recurrent and (self.fill_batch or self.staleness):
+            raise ValueError(f"{type(self).__name__}: `fill_batch` and `staleness` cannot keep the hidden state of "
+                             f"{type(self._recurrent[0]).__name__}, which carries each batch row's state to the next batch "
+                             f"(they train rows of different batches together, or skip rows' forwards): use "
+                             f"fill_batch=False and staleness=0, or mode='mask'")
         users = self.store_users()
         if self.active and users:
             # here, before the first batch: a loader that cannot be mapped fails now, not mid-epoch
@@ -146,11 +162,15 @@ class HardMiningCallback(Callback):
                                      self.yb if yb is None else yb, self.per_sample_loss_func)
 
     def score(self, xb=None, yb=None) -> Tensor:
-        "Per-sample losses of `xb` (default: the whole batch, before any mixing) from a no-grad forward that leaves every buffer as it was"
+        "Per-sample losses of `xb` (default: the whole batch, before any mixing) from a no-grad forward that leaves the model as it was"
         yb = self.yb if yb is None else yb
         def losses_of(pred):
+            # what `RNNCallback.after_pred` does to the training forward's output: the model's output alone
+            if self._unpack_output and isinstance(pred, (tuple, list)): pred = pred[0]
             return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
-        with self._autocast(): return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of)
+        self._reached = {}
+        with self._autocast():
+            return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of, self._reached)
 
     def _autocast(self):
         "The autocast of a `MixedPrecision` that runs after this callback (so has not entered it for this batch), else none"
@@ -167,6 +187,7 @@ class HardMiningCallback(Callback):
 
     def before_batch(self):
         if self.mode != 'subset' or not self._mining(): return
+        self._rows = None
         self._count_loader_batch(batch_size(self.yb) or 0)
         ids = self._batch_ids()
         if self._kept_whole(ids): return
@@ -189,7 +210,27 @@ class HardMiningCallback(Callback):
             xb, yb, trained_ids = batch
             if ids is not None: self.store.count(trained_ids, trained=True)
         self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
-        if xb is not self.xb: self.learn.xb, self.learn.yb = xb, yb
+        if xb is not self.xb:
+            self.learn.xb, self.learn.yb = xb, yb
+            if self._recurrent: self._train_rows(idx, len(losses))
+
+    def _train_rows(self, idx:Tensor, n:int):
+        "Start the kept rows' training forward from their own hidden state, as plain fastai's forward of the batch would"
+        self._rows = idx, n
+        for m in self._recurrent:
+            m.hidden = [tuple(_resize_rows(t, n)[:, idx] for t in layer) for layer in m.hidden]
+            m.bs = len(idx)
+
+    def after_pred(self):
+        if self._rows is None: return
+        idx, n = self._rows
+        self._rows = None
+        # carry every row to the next batch as plain fastai would: the kept rows from the training forward, the
+        # others from the scoring forward (the same computation, without gradient)
+        for m in self._recurrent:
+            reached = self._reached[m][0]
+            m.hidden = [tuple(r.clone().index_copy_(1, idx, t) for r, t in zip(rl, tl)) for rl, tl in zip(reached, m.hidden)]
+            m.bs = n
 
     def _count(self, ids:Tensor, scored:Tensor|None, kept_ids:Tensor):
         "Count the batch's samples in the store: those scored, those kept, and those trained unless `fill_batch` queues them"
