@@ -69,6 +69,7 @@ class HardMiningCallback(Callback):
         # recurrent models: the modules whose hidden state carries across batches, the state the scoring forward
         # reached, the kept rows of the batch in training; and whether `RNNCallback` unpacks the model's output
         self._recurrent, self._reached, self._rows, self._unpack_output = [], {}, None, False
+        self._stateful = []  # every recurrent module, whose state the scoring forward puts back
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
         self.fill_batch, self.staleness = False, 0
         self.records, self.queue = MiningRecords(), FillQueue()
@@ -140,6 +141,7 @@ class HardMiningCallback(Callback):
         self._accumulators = [[cb, 0, False] for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)]
         self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
         self._recurrent = scoring.carried_state_modules(self.learn.model) if self.mode == 'subset' else []
+        self._stateful = scoring.recurrent_modules(self.learn.model)
         if self._recurrent and (self.fill_batch or self.staleness):
             raise ValueError(f"{type(self).__name__}: `fill_batch` and `staleness` cannot keep the hidden state of "
                              f"{type(self._recurrent[0]).__name__}, which carries each batch row's state to the next batch "
@@ -170,7 +172,8 @@ class HardMiningCallback(Callback):
             return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
         self._reached = {}
         with self._autocast():
-            return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of, self._reached)
+            return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of, self._reached,
+                                           self._stateful)
 
     def _autocast(self):
         "The autocast of a `MixedPrecision` that runs after this callback (so has not entered it for this batch), else none"

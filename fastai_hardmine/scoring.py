@@ -71,9 +71,10 @@ def carried_state_modules(model) -> list:
 @contextmanager
 def recurrent_state_kept(model, # A `torch.nn.Module`
                          reached:dict|None=None, # Filled with each recurrent module's `(hidden, bs)` as the context left it
+                         modules:list|None=None, # `recurrent_modules(model)`, if known (it walks every module)
                         ):
     "Context that puts the hidden state of `model`'s recurrent modules back on exit"
-    modules = recurrent_modules(model)
+    if modules is None: modules = recurrent_modules(model)
     before = [(m.hidden, m.bs) for m in modules]
     try: yield
     finally:
@@ -86,10 +87,11 @@ def scoring_forward(model, # The training model (a `DistributedDataParallel` wra
                     xb:tuple, # Inputs of the batch
                     losses_of:Callable, # Function of the prediction returning the per-sample losses
                     reached:dict|None=None, # Filled with the hidden state each recurrent module reached (see `recurrent_state_kept`)
+                    recurrent:list|None=None, # `recurrent_modules(model)`, if known: the callback finds them once per fit
                    ) -> Tensor:
     "Per-sample losses of `xb` from a no-grad forward in train mode that leaves the buffers, the mode and any recurrent state of `model` as they were"
     if isinstance(model, DistributedDataParallel): model = model.module
-    with buffers_restored(model), recurrent_state_kept(model, reached), torch.no_grad():
+    with buffers_restored(model), recurrent_state_kept(model, reached, recurrent), torch.no_grad():
         try: pred = model(*xb)
         except Exception as e: raise _from_the_model(e)
         return losses_of(pred)
