@@ -1,7 +1,11 @@
 """Run by tests/test_distributed.py under `torch.distributed.run --nproc_per_node 2`: each process trains its own
-shard of the digits with a DDP-wrapped model and Selective-Backprop (subset mode, fill_batch, staleness) seeded
-differently per process, so the processes keep different numbers of samples per batch. Writes its final weights
-and records to OUT/rank{r}.pt."""
+shard of the digits with a DDP-wrapped model and one hard-mining rule, so the processes keep different numbers of
+samples per batch. Writes its final weights and records to OUT/rank{r}.pt.
+
+    ddp_train.py OUT RULE MODE FILL_BATCH STALENESS
+
+RULE: 'selective' (seeded differently per process), 'loss_filter', or 'top_k_uneven' (process 0 keeps 48 of each
+batch, process 1 keeps 2)."""
 import os, sys
 import torch
 import torch.distributed as dist
@@ -11,10 +15,17 @@ from fastcore.basics import noop
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.progress import ProgressCallback
-from fastai_hardmine.callback import SelectiveBackpropCallback
+from fastai_hardmine.callback import SelectiveBackpropCallback, BatchLossFilterCallback, TopKCallback
 from fastai_hardmine.data import digits_data, tensor_dls
 
-def main(out, fill_batch, staleness):
+def make_rule(rule, rank, mode, fill_batch, staleness):
+    if rule == 'selective':
+        return SelectiveBackpropCallback(beta=2, seed=100 + rank, mode=mode, fill_batch=fill_batch, staleness=staleness)
+    if rule == 'loss_filter': return BatchLossFilterCallback(0.6, mode=mode)
+    if rule == 'top_k_uneven': return TopKCallback(48 if rank == 0 else 2, mode=mode)
+    raise ValueError(rule)
+
+def main(out, rule, mode, fill_batch, staleness):
     dist.init_process_group('gloo')
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -24,7 +35,7 @@ def main(out, fill_batch, staleness):
     model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10)))
     torch.manual_seed(rank)  # a different data order per process
     dls = tensor_dls(xt, yt, torch.as_tensor(xv, dtype=torch.float32), torch.as_tensor(yv), bs=64, device='cpu')
-    cb = SelectiveBackpropCallback(beta=2, seed=100 + rank, fill_batch=fill_batch, staleness=staleness)
+    cb = make_rule(rule, rank, mode, fill_batch, staleness)
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), cbs=cb)
     learn.remove_cb(ProgressCallback)
     learn.logger = noop
@@ -34,7 +45,7 @@ def main(out, fill_batch, staleness):
     dist.destroy_process_group()
 
 if __name__ == '__main__':
-    main(sys.argv[1], sys.argv[2] == '1', int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == '1', int(sys.argv[5]))
     # torch 2.14's gloo teardown sometimes aborts at interpreter exit ("terminate called without an active
     # exception", seen in about 1 run of 10 here, with the results already written): skip the C++ static
     # destructors once everything is saved and the process group is gone

@@ -1,17 +1,21 @@
-"Selective-Backprop's fill_batch and staleness under real DDP (two CPU processes, gloo): no deadlock, same weights."
+"Every rule in both modes, and Selective-Backprop's fill_batch and staleness, under real DDP (two CPU processes, gloo): no deadlock, same weights."
 import os, socket, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
 
-@pytest.mark.parametrize('fill_batch, staleness', [(True, 0), (True, 1), (False, 1)])
-def test_ddp_processes_step_together(tmp_path, fill_batch, staleness):
+CASES = [('selective', 'subset', True, 0), ('selective', 'subset', True, 1), ('selective', 'subset', False, 1),
+         ('selective', 'subset', False, 0), ('selective', 'mask', False, 0), ('loss_filter', 'subset', False, 0),
+         ('loss_filter', 'mask', False, 0), ('top_k_uneven', 'subset', False, 0), ('top_k_uneven', 'mask', False, 0)]
+
+@pytest.mark.parametrize('rule, mode, fill_batch, staleness', CASES)
+def test_ddp_processes_step_together(tmp_path, rule, mode, fill_batch, staleness):
     script = Path(__file__).parent / 'ddp_train.py'
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port), str(script),
-           str(tmp_path), str(int(fill_batch)), str(staleness)]
+           str(tmp_path), rule, mode, str(int(fill_batch)), str(staleness)]
     # a process that steps while the other skips waits forever in DDP's gradient all-reduce: the timeout catches it
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -20,4 +24,6 @@ def test_ddp_processes_step_together(tmp_path, fill_batch, staleness):
     assert not torch.equal(r0['kept'], r1['kept'])
     assert torch.equal(r0['trained'] > 0, r1['trained'] > 0)
     if fill_batch: assert (r0['trained'] == 0).any()
+    # one process keeps 48 of each batch of 64, the other 2: both still step every batch
+    if rule == 'top_k_uneven': assert (r0['kept'] >= 15).all() and (r1['kept'] == 2).all() and (r1['trained'] > 0).all()
     for k in r0['weights']: torch.testing.assert_close(r0['weights'][k], r1['weights'][k], msg=k)
