@@ -154,9 +154,14 @@ class HardMiningCallback(Callback):
             self.store = SampleStore(self.batch_indices.size, device=_model_device(self.learn.model))
 
     def after_train(self): self.records.end_epoch()
-    def after_fit(self): self.queue.clear()
+    def after_fit(self): self._end_fit()
     def after_cancel_train(self): self.queue.clear()
-    def after_cancel_fit(self): self.queue.clear()
+    def after_cancel_fit(self): self._end_fit()
+
+    def _end_fit(self):
+        self.queue.clear()
+        # back to the place the callback was made with (`before_fit` moves it before a MixUp-like callback)
+        if self.mode == 'subset': self.order = MixedPrecision.order + 1
 
     def sample_losses(self, pred=None, yb=None) -> Tensor:
         "Per-sample losses of `pred` against `yb` (default: the Learner's prediction and targets), with their graph"
