@@ -136,12 +136,15 @@ def test_mixup_subset_scores_under_autocast_and_fill_batch():
                               SelectiveBackpropCallback(2, seed=0, fill_batch=True, per_sample_loss_func=per_sample)])
     class Check(Callback):
         order = -100
-        def __init__(self): self.states = []
-        def before_batch(self): self.states.append(torch.is_autocast_enabled('cpu'))
+        def __init__(self): self.states, self.orders = [], []
+        def before_batch(self):
+            self.states.append(torch.is_autocast_enabled('cpu'))
+            self.orders.append(self.learn.hard_miner.order)
     check = Check()
     learn.fit(2, 1e-2, cbs=check)
     miner = learn.hard_miner
-    assert miner.order < MixUp.order and seen and all(seen)
+    # before MixUp during the fit, back after MixedPrecision once it ends
+    assert all(o < MixUp.order for o in check.orders) and miner.order > CpuAutocast.order and seen and all(seen)
     assert (miner.trained == 0).any() and miner.trained.sum() == miner.kept.sum()
     assert not any(check.states) and not torch.is_autocast_enabled('cpu')
     assert learn.loss_func.__class__ is CrossEntropyLossFlat and learn.loss_func.reduction == 'mean'
