@@ -17,7 +17,7 @@ from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
-from fastai.callback.rnn import RNNRegularizer, RNNCallback
+from fastai.callback.rnn import RNNRegularizer, RNNCallback, ModelResetter
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch)
@@ -147,11 +147,23 @@ class HardMiningCallback(Callback):
                              f"{type(self._recurrent[0]).__name__}, which carries each batch row's state to the next batch "
                              f"(they train rows of different batches together, or skip rows' forwards): use "
                              f"fill_batch=False and staleness=0, or mode='mask'")
+        self._check_state_kept()
         users = self.store_users()
         if self.active and users:
             # here, before the first batch: a loader that cannot be mapped fails now, not mid-epoch
             self.batch_indices = BatchIndices(self.dl, needed_by=' and '.join(users))
             self.store = SampleStore(self.batch_indices.size, device=_model_device(self.learn.model))
+
+    def _check_state_kept(self):
+        "Subset mode: refuse, when the fit starts, a model whose state across batches the scoring forward cannot put back"
+        # fastai's `ModelResetter` is the sign that the model carries a state from batch to batch
+        if self.mode != 'subset' or not any(isinstance(cb, ModelResetter) for cb in self.learn.cbs): return
+        unknown = scoring.unknown_state_modules(self.learn.model)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: {type(unknown[0]).__name__} keeps a state across batches (fastai's "
+                             f"ModelResetter resets it) that the scoring forward of mode='subset' cannot put back: it puts "
+                             f"back buffers and the `hidden`/`bs` state of AWD_LSTM-like modules only. Use mode='mask', "
+                             f"which runs no scoring forward.")
 
     def after_train(self): self.records.end_epoch()
     def after_fit(self): self._end_fit()

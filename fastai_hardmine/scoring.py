@@ -16,8 +16,8 @@ from fastai.callback.mixup import MixHandler
 from .core import per_sample_loss, buffers_restored
 
 # %% auto #0
-__all__ = ['mix_handler', 'sample_losses', 'recurrent_modules', 'carried_state_modules', 'recurrent_state_kept',
-           'scoring_forward', 'check_finite']
+__all__ = ['mix_handler', 'sample_losses', 'recurrent_modules', 'carried_state_modules', 'unknown_state_modules',
+           'recurrent_state_kept', 'scoring_forward', 'check_finite']
 
 # %% ../nbs/08_scoring.ipynb #c005
 def mix_handler(loss_func) -> MixHandler|None:
@@ -67,6 +67,16 @@ def carried_state_modules(model) -> list:
         for m in model.modules():
             if isinstance(m, text.SentenceEncoder): reset.update(id(o) for o in m.modules())
     return [m for m in recurrent_modules(model) if id(m) not in reset]
+
+# fastai modules whose `reset` keeps nothing across batches beyond what `recurrent_modules` covers: containers
+# that pass `reset` on, and `WeightDropout`, which puts its raw weights back
+_STATELESS_RESETS = ('SequentialRNN', 'SentenceEncoder', 'WeightDropout')
+
+def unknown_state_modules(model) -> list:
+    "Submodules with a `reset` (fastai's mark of a state carried across batches) whose state `recurrent_state_kept` cannot put back"
+    known = set(map(id, recurrent_modules(model)))
+    return [m for m in model.modules() if callable(getattr(type(m), 'reset', None)) and id(m) not in known
+            and type(m).__name__ not in _STATELESS_RESETS]
 
 @contextmanager
 def recurrent_state_kept(model, # A `torch.nn.Module`

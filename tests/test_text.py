@@ -106,3 +106,25 @@ def test_text_classifier_gradient(mode):
     else: F.cross_entropy(ref(x)[0], y, reduction='none')[idx].mean().backward()
     for g, p in zip(first.grads, ref.parameters()):
         torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), rtol=1e-4, atol=1e-6)
+
+class Counter(torch.nn.Module):
+    "A model with a state across batches that is not AWD_LSTM's `hidden`/`bs`: a running sum of its inputs"
+    def __init__(self):
+        super().__init__()
+        self.lin, self.total = torch.nn.Linear(64, 10), None
+    def reset(self): self.total = None
+    def forward(self, x):
+        self.total = x.sum(0) if self.total is None else self.total + x.sum(0)
+        return self.lin(x)
+
+def test_state_the_scoring_forward_cannot_put_back_is_refused_at_fit_start():
+    from fastai.callback.rnn import ModelResetter
+    from test_callback import make_learner
+    learn = make_learner(cbs=[ModelResetter(), TopKCallback(16)], model_fn=Counter)
+    with pytest.raises(ValueError, match="Counter keeps a state across batches.*Use mode='mask'"): learn.fit(1)
+    assert learn.hard_miner.kept.numel() == 0
+    # mask mode runs no scoring forward; without ModelResetter nothing says the model carries a state
+    make_learner(cbs=[ModelResetter(), TopKCallback(16, mode='mask')], model_fn=Counter).fit(1)
+    make_learner(cbs=TopKCallback(16), model_fn=Counter).fit(1)
+    # fastai's own text models are known: a language model trains in subset mode with ModelResetter (rnn_cbs)
+    lm_learner(TopKCallback(3)).fit(1, 0.)
