@@ -127,7 +127,10 @@ class HardMiningCallback(Callback):
         self.queue.clear()
         self._loader_samples = 0
         if self.batch_indices is not None: self.batch_indices.new_epoch()
-        if not self._fit_pending: return
+        if self._fit_pending: self._start_fit()
+
+    def _start_fit(self):
+        "Set up what a fit needs, at its first training epoch: checks first, so that a fit fails before any batch"
         self._fit_pending = False
         others = [cb for cb in self.learn.cbs if isinstance(cb, HardMiningCallback) and cb is not self]
         if others:
@@ -135,27 +138,27 @@ class HardMiningCallback(Callback):
                              f"{', '.join(type(o).__name__ for o in others)}: remove all but one")
         # lr_find trains too, but its losses must be those of plain training
         self.active = not hasattr(self.learn, 'lr_finder')
+        model = self.learn.model
         # BatchNorm cannot train on one sample: with it, subset mode never forwards fewer than two
-        self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in self.learn.model.modules()) else 1
+        self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in model.modules()) else 1
         self.reset()
         self._accumulators = [[cb, 0, False] for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)]
         self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
-        self._recurrent = scoring.carried_state_modules(self.learn.model) if self.mode == 'subset' else []
-        self._stateful = scoring.recurrent_modules(self.learn.model)
+        self._recurrent = scoring.carried_state_modules(model) if self.mode == 'subset' else []
+        self._stateful = scoring.recurrent_modules(model)
+        self._check_state_kept()
+        users = self.store_users()
+        if self.active and users:
+            self.batch_indices = BatchIndices(self.dl, needed_by=' and '.join(users))
+            self.store = SampleStore(self.batch_indices.size, device=_model_device(model))
+
+    def _check_state_kept(self):
+        "Subset mode: refuse a model whose state across batches the scoring forward or the options cannot keep"
         if self._recurrent and (self.fill_batch or self.staleness):
             raise ValueError(f"{type(self).__name__}: `fill_batch` and `staleness` cannot keep the hidden state of "
                              f"{type(self._recurrent[0]).__name__}, which carries each batch row's state to the next batch "
                              f"(they train rows of different batches together, or skip rows' forwards): use "
                              f"fill_batch=False and staleness=0, or mode='mask'")
-        self._check_state_kept()
-        users = self.store_users()
-        if self.active and users:
-            # here, before the first batch: a loader that cannot be mapped fails now, not mid-epoch
-            self.batch_indices = BatchIndices(self.dl, needed_by=' and '.join(users))
-            self.store = SampleStore(self.batch_indices.size, device=_model_device(self.learn.model))
-
-    def _check_state_kept(self):
-        "Subset mode: refuse, when the fit starts, a model whose state across batches the scoring forward cannot put back"
         # fastai's `ModelResetter` is the sign that the model carries a state from batch to batch
         if self.mode != 'subset' or not any(isinstance(cb, ModelResetter) for cb in self.learn.cbs): return
         unknown = scoring.unknown_state_modules(self.learn.model)
