@@ -21,7 +21,8 @@ from fastai.callback.rnn import RNNRegularizer, RNNCallback, ModelResetter
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch)
-from . import scoring
+from . import scoring, recurrent
+from .recurrent import RecurrentRows
 from .store import SampleStore
 from .batch_indices import BatchIndices
 from .fill_queue import FillQueue, all_processes_agree
@@ -38,11 +39,6 @@ def _add_highest_dropped(losses:Tensor, idx:Tensor, n:int) -> Tensor:
     left = losses.clone()
     left[idx] = -torch.inf
     return torch.cat([idx, left.topk(n - len(idx)).indices]).sort().values
-
-def _resize_rows(t:Tensor, n:int) -> Tensor:
-    "A hidden-state tensor (rows on dim 1) cut or zero-padded to `n` rows, as `AWD_LSTM` does for a new batch size"
-    if t.shape[1] >= n: return t[:, :n]
-    return torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], 1)
 
 def _model_device(model) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
@@ -66,10 +62,9 @@ class HardMiningCallback(Callback):
         # loader samples since the last trained batch (more than one loader batch when `fill_batch` deferred some), and
         # per `GradientAccumulation` of the fit: [callback, its count in loader samples, whether a step is due]
         self._loader_samples, self._accumulators = 0, []
-        # recurrent models: the modules whose hidden state carries across batches, the state the scoring forward
-        # reached, the kept rows of the batch in training; and whether `RNNCallback` unpacks the model's output
-        self._recurrent, self._reached, self._rows, self._unpack_output = [], {}, None, False
-        self._stateful = []  # every recurrent module, whose state the scoring forward puts back
+        # recurrent models: every module with a hidden state (the scoring forward puts it back), the rows of those whose
+        # state carries across batches, and the state the scoring forward reached; whether `RNNCallback` unpacks outputs
+        self._stateful, self._rows, self._reached, self._unpack_output = [], RecurrentRows([]), {}, False
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
         self.fill_batch, self.staleness = False, 0
         self.records, self.queue = MiningRecords(), FillQueue()
@@ -144,8 +139,8 @@ class HardMiningCallback(Callback):
         self.reset()
         self._accumulators = [[cb, 0, False] for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)]
         self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
-        self._recurrent = scoring.carried_state_modules(model) if self.mode == 'subset' else []
-        self._stateful = scoring.recurrent_modules(model)
+        self._rows = RecurrentRows(recurrent.carried_state_modules(model) if self.mode == 'subset' else [])
+        self._stateful = recurrent.recurrent_modules(model)
         self._check_state_kept()
         users = self.store_users()
         if self.active and users:
@@ -154,14 +149,14 @@ class HardMiningCallback(Callback):
 
     def _check_state_kept(self):
         "Subset mode: refuse a model whose state across batches the scoring forward or the options cannot keep"
-        if self._recurrent and (self.fill_batch or self.staleness):
+        if self._rows.modules and (self.fill_batch or self.staleness):
             raise ValueError(f"{type(self).__name__}: `fill_batch` and `staleness` cannot keep the hidden state of "
-                             f"{type(self._recurrent[0]).__name__}, which carries each batch row's state to the next batch "
+                             f"{type(self._rows.modules[0]).__name__}, which carries each batch row's state to the next batch "
                              f"(they train rows of different batches together, or skip rows' forwards): use "
                              f"fill_batch=False and staleness=0, or mode='mask'")
         # fastai's `ModelResetter` is the sign that the model carries a state from batch to batch
         if self.mode != 'subset' or not any(isinstance(cb, ModelResetter) for cb in self.learn.cbs): return
-        unknown = scoring.unknown_state_modules(self.learn.model)
+        unknown = recurrent.unknown_state_modules(self.learn.model)
         if unknown:
             raise ValueError(f"{type(self).__name__}: {type(unknown[0]).__name__} keeps a state across batches (fastai's "
                              f"ModelResetter resets it) that the scoring forward of mode='subset' cannot put back: it puts "
@@ -210,7 +205,7 @@ class HardMiningCallback(Callback):
 
     def before_batch(self):
         if self.mode != 'subset' or not self._mining(): return
-        self._rows = None
+        self._rows.rows = None
         self._count_loader_batch(batch_size(self.yb) or 0)
         ids = self._batch_ids()
         if self._kept_whole(ids): return
@@ -235,25 +230,10 @@ class HardMiningCallback(Callback):
         self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
         if xb is not self.xb:
             self.learn.xb, self.learn.yb = xb, yb
-            if self._recurrent: self._train_rows(idx, len(losses))
+            # a recurrent model's kept rows start from their own state, and every row carries on after (`after_pred`)
+            if self._rows.modules: self._rows.train(idx, len(losses))
 
-    def _train_rows(self, idx:Tensor, n:int):
-        "Start the kept rows' training forward from their own hidden state, as plain fastai's forward of the batch would"
-        self._rows = idx, n
-        for m in self._recurrent:
-            m.hidden = [tuple(_resize_rows(t, n)[:, idx] for t in layer) for layer in m.hidden]
-            m.bs = len(idx)
-
-    def after_pred(self):
-        if self._rows is None: return
-        idx, n = self._rows
-        self._rows = None
-        # carry every row to the next batch as plain fastai would: the kept rows from the training forward, the
-        # others from the scoring forward (the same computation, without gradient)
-        for m in self._recurrent:
-            reached = self._reached[m][0]
-            m.hidden = [tuple(r.clone().index_copy_(1, idx, t) for r, t in zip(rl, tl)) for rl, tl in zip(reached, m.hidden)]
-            m.bs = n
+    def after_pred(self): self._rows.carry_on(self._reached)
 
     def _count(self, ids:Tensor, scored:Tensor|None, kept_ids:Tensor):
         "Count the batch's samples in the store: those scored, those kept, and those trained unless `fill_batch` queues them"

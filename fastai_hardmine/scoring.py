@@ -6,18 +6,16 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/scoring.html.md"""
 
 # %% ../nbs/08_scoring.ipynb #c003
 from __future__ import annotations
-import sys
 from typing import Callable
-from contextlib import contextmanager
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.mixup import MixHandler
 from .core import per_sample_loss, buffers_restored
+from .recurrent import recurrent_state_kept
 
 # %% auto #0
-__all__ = ['mix_handler', 'sample_losses', 'recurrent_modules', 'carried_state_modules', 'unknown_state_modules',
-           'recurrent_state_kept', 'scoring_forward', 'check_finite']
+__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'check_finite']
 
 # %% ../nbs/08_scoring.ipynb #c005
 def mix_handler(loss_func) -> MixHandler|None:
@@ -54,44 +52,6 @@ def _from_the_model(e:Exception) -> Exception:
     if hasattr(e, 'add_note'): e.add_note(note)
     elif e.args and isinstance(e.args[0], str): e.model_args = (f"{e.args[0]}\n{note}", *e.args[1:])
     return e
-
-def recurrent_modules(model) -> list:
-    "The submodules of `model` that carry a hidden state from batch to batch as fastai's `AWD_LSTM` does (`hidden`, `bs`)"
-    return [m for m in model.modules() if isinstance(getattr(m, 'hidden', None), list) and isinstance(getattr(m, 'bs', None), int)]
-
-def carried_state_modules(model) -> list:
-    "The recurrent modules of `model` whose hidden state carries from batch to batch (not those a `SentenceEncoder` resets every forward)"
-    text = sys.modules.get('fastai.text.models.core')
-    reset = set()
-    if text is not None:
-        for m in model.modules():
-            if isinstance(m, text.SentenceEncoder): reset.update(id(o) for o in m.modules())
-    return [m for m in recurrent_modules(model) if id(m) not in reset]
-
-# fastai modules whose `reset` keeps nothing across batches beyond what `recurrent_modules` covers: containers
-# that pass `reset` on, and `WeightDropout`, which puts its raw weights back
-_STATELESS_RESETS = ('SequentialRNN', 'SentenceEncoder', 'WeightDropout')
-
-def unknown_state_modules(model) -> list:
-    "Submodules with a `reset` (fastai's mark of a state carried across batches) whose state `recurrent_state_kept` cannot put back"
-    known = set(map(id, recurrent_modules(model)))
-    return [m for m in model.modules() if callable(getattr(type(m), 'reset', None)) and id(m) not in known
-            and type(m).__name__ not in _STATELESS_RESETS]
-
-@contextmanager
-def recurrent_state_kept(model, # A `torch.nn.Module`
-                         reached:dict|None=None, # Filled with each recurrent module's `(hidden, bs)` as the context left it
-                         modules:list|None=None, # `recurrent_modules(model)`, if known (it walks every module)
-                        ):
-    "Context that puts the hidden state of `model`'s recurrent modules back on exit"
-    if modules is None: modules = recurrent_modules(model)
-    before = [(m.hidden, m.bs) for m in modules]
-    try: yield
-    finally:
-        for m, (hidden, bs) in zip(modules, before):
-            if reached is not None: reached[m] = (m.hidden, m.bs)
-            # a forward assigns a new `hidden` list of new tensors: the old ones are intact
-            m.hidden, m.bs = hidden, bs
 
 def scoring_forward(model, # The training model (a `DistributedDataParallel` wrapper is looked through)
                     xb:tuple, # Inputs of the batch
