@@ -23,6 +23,7 @@ from .core import (check_unit_interval, check_top_k, check_beta, batch_size, sel
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch)
 from . import scoring, recurrent
 from .recurrent import RecurrentRows
+from .accumulation import LoaderSampleAccumulation
 from .store import SampleStore
 from .batch_indices import BatchIndices
 from .fill_queue import FillQueue, all_processes_agree
@@ -59,9 +60,8 @@ class HardMiningCallback(Callback):
         # MixUp-like callback mixes the batch (see `before_fit`)
         if mode == 'subset': self.order = MixedPrecision.order + 1
         self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
-        # loader samples since the last trained batch (more than one loader batch when `fill_batch` deferred some), and
-        # per `GradientAccumulation` of the fit: [callback, its count in loader samples, whether a step is due]
-        self._loader_samples, self._accumulators = 0, []
+        # makes `GradientAccumulation` count and weigh loader samples (set up when a fit starts)
+        self._accumulation = LoaderSampleAccumulation()
         # recurrent models: every module with a hidden state (the scoring forward puts it back), the rows of those whose
         # state carries across batches, and the state the scoring forward reached; whether `RNNCallback` unpacks outputs
         self._stateful, self._rows, self._reached, self._unpack_output = [], RecurrentRows([]), {}, False
@@ -84,7 +84,9 @@ class HardMiningCallback(Callback):
         # `learn.export()` pickles the Learner with its callbacks: keep the settings, drop what a fit records
         # (records, per-sample store, queue), which a new fit starts afresh anyway
         state = self.__dict__.copy()
-        state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None)
+        state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None,
+                     # what a fit sets up from the Learner it starts with (recurrent states, accumulation counts)
+                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={})
         return state
 
     @property
@@ -120,7 +122,7 @@ class HardMiningCallback(Callback):
 
     def before_train(self):
         self.queue.clear()
-        self._loader_samples = 0
+        self._accumulation.new_epoch()
         if self.batch_indices is not None: self.batch_indices.new_epoch()
         if self._fit_pending: self._start_fit()
 
@@ -137,7 +139,7 @@ class HardMiningCallback(Callback):
         # BatchNorm cannot train on one sample: with it, subset mode never forwards fewer than two
         self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in model.modules()) else 1
         self.reset()
-        self._accumulators = [[cb, 0, False] for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)]
+        self._accumulation = LoaderSampleAccumulation(self.learn.cbs)
         self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
         self._rows = RecurrentRows(recurrent.carried_state_modules(model) if self.mode == 'subset' else [])
         self._stateful = recurrent.recurrent_modules(model)
@@ -206,7 +208,7 @@ class HardMiningCallback(Callback):
     def before_batch(self):
         if self.mode != 'subset' or not self._mining(): return
         self._rows.rows = None
-        self._count_loader_batch(batch_size(self.yb) or 0)
+        self._accumulation.loader_batch(batch_size(self.yb) or 0)
         ids = self._batch_ids()
         if self._kept_whole(ids): return
         losses, scored = self._batch_losses(ids)
@@ -275,7 +277,7 @@ class HardMiningCallback(Callback):
         if self.mode == 'subset':
             # log the whole batch's loss, as in mask mode and without the callback
             if self._batch_loss is not None: self.learn.loss = self._batch_loss.to(self.loss.dtype)
-            self._accumulate_by_loader_samples()
+            self._accumulation.trained_step(self.learn, batch_size(self.yb))
             return
         if self._kept_whole(): return
         losses = self.sample_losses()
@@ -284,27 +286,6 @@ class HardMiningCallback(Callback):
         idx = self.select(detached)
         self.learn.loss_grad = losses[idx].mean()
         self.records.add(len(losses), len(idx), 0, len(losses), kept_loss_share(detached, idx))
-
-    def _count_loader_batch(self, n:int):
-        "Count a loader batch of `n` samples as plain fastai's `GradientAccumulation` would, deferred or not"
-        self._loader_samples += n
-        for acc in self._accumulators:
-            acc[1] += n
-            if acc[1] >= acc[0].n_acc: acc[1], acc[2] = 0, True
-
-    def _accumulate_by_loader_samples(self):
-        "Make `GradientAccumulation` weigh this step by the loader samples it stands for, and step when plain fastai would"
-        seen, self._loader_samples = self._loader_samples, 0
-        trained = batch_size(self.yb)
-        if not self._accumulators or not trained: return
-        # `GradientAccumulation` scales `loss_grad` by trained/n_acc in its `after_loss` (before or after this one: the
-        # products commute): make it seen/n_acc
-        if seen != trained: self.learn.loss_grad = self.loss_grad * (seen / trained)
-        for acc in self._accumulators:
-            # its `before_step` adds `trained` to its count and steps once that reaches n_acc: set the count so that it
-            # steps exactly when plain fastai would have by now
-            cb, due = acc[0], acc[2]
-            cb.count, acc[2] = (cb.n_acc - trained if due else -trained), False
 
     def _kept_whole(self, ids:Tensor|None=None) -> bool:
         "Record and skip a batch the rule keeps whole: no scoring, no per-sample loss, the plain fastai step"
