@@ -1,5 +1,6 @@
 """Each fastai application trains a few batches with each rule in both modes: vision, segmentation, tabular
-classification and regression, multi-label (text models: tests/test_text.py). Data is generated; nothing downloads."""
+classification, regression and multi-label, text classifier and language model (their hidden state in detail:
+tests/test_text.py). Data is generated; nothing downloads."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -111,3 +112,34 @@ def test_tabular(rule, mode, task):
     assert np.isfinite(learn.recorder.values[-1][0])
     preds, targs = learn.get_preds()
     assert len(preds) == len(targs) == len(learn.dls.valid_ds) and preds.shape[1] == n_out
+
+@pytest.fixture(scope='module')
+def reviews():
+    "Generated review-like texts (fastai's default tokenizer, spaCy's blank English, needs no download)"
+    rng = np.random.default_rng(0)
+    words = ['good', 'bad', 'movie', 'plot', 'great', 'awful', 'actor', 'scene', 'fun', 'boring']
+    texts = [' '.join(rng.choice(words, 12)) for _ in range(96)]
+    score = lambda t: t.count('good') + t.count('great') - t.count('bad') - t.count('awful')
+    return pd.DataFrame(dict(text=texts, label=['pos' if score(t) > 0 else 'neg' for t in texts]))
+
+@pytest.mark.parametrize('mode', ['subset', 'mask'])
+@pytest.mark.parametrize('rule', MINERS)
+def test_text_classifier_learner(reviews, rule, mode):
+    from fastai.text.all import TextDataLoaders, text_classifier_learner, AWD_LSTM
+    set_seed(0)
+    dls = TextDataLoaders.from_df(reviews, text_col='text', label_col='label', valid_pct=0.25, bs=16, seed=0, num_workers=0)
+    learn = quiet(text_classifier_learner(dls, AWD_LSTM, pretrained=False, cbs=MINERS[rule](mode)))
+    learn.fit(1, 1e-3)
+    check_trained(learn, mode)
+    assert learn.predict(reviews.text[0])[0] in ('pos', 'neg')
+
+@pytest.mark.parametrize('mode', ['subset', 'mask'])
+@pytest.mark.parametrize('rule', MINERS)
+def test_language_model_learner(reviews, rule, mode):
+    from fastai.text.all import TextDataLoaders, language_model_learner, AWD_LSTM
+    set_seed(0)
+    dls = TextDataLoaders.from_df(reviews, text_col='text', is_lm=True, valid_pct=0.25, bs=8, seq_len=10, seed=0,
+                                  num_workers=0)
+    learn = quiet(language_model_learner(dls, AWD_LSTM, pretrained=False, cbs=MINERS[rule](mode)))
+    learn.fit(1, 1e-3)
+    check_trained(learn, mode)
