@@ -6,7 +6,6 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/callback.html.md"""
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
-import sys
 from contextlib import nullcontext
 import torch
 from torch import Tensor
@@ -49,6 +48,9 @@ class HardMiningCallback(Callback):
     # mask mode: before every callback that changes the `loss_grad` this callback sets (`RNNRegularizer` adds
     # to it, `GradientAccumulation` rescales it, user callbacks at the default order 0 may do either)
     order, run_valid = min(RNNRegularizer.order, GradientAccumulation.order, 0) - 1, False
+    # subset mode scores in `before_batch`: just after `MixedPrecision` enters its autocast there (or, during a fit
+    # with MixUp or CutMix, just before the batch is mixed: see `before_fit`)
+    subset_order = MixedPrecision.order + 1
 
     def __init__(self,
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
@@ -56,10 +58,9 @@ class HardMiningCallback(Callback):
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
-        # subset mode scores in `before_batch`: just after `MixedPrecision` enters its autocast there, or before a
-        # MixUp-like callback mixes the batch (see `before_fit`)
-        if mode == 'subset': self.order = MixedPrecision.order + 1
+        if mode == 'subset': self.order = self.subset_order
         self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
+        self._mixed_precision = None  # the fit's `MixedPrecision`, whose autocast scoring runs in
         # makes `GradientAccumulation` count and weigh loader samples (set up when a fit starts)
         self._accumulation = LoaderSampleAccumulation()
         # recurrent models: every module with a hidden state (the scoring forward puts it back), the rows of those whose
@@ -86,7 +87,8 @@ class HardMiningCallback(Callback):
         state = self.__dict__.copy()
         state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None,
                      # what a fit sets up from the Learner it starts with (recurrent states, accumulation counts)
-                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={})
+                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={},
+                     _mixed_precision=None)
         return state
 
     @property
@@ -118,7 +120,7 @@ class HardMiningCallback(Callback):
             # select before MixUp/CutMix mix the batch, so that only the kept samples are mixed (fastai runs the
             # callbacks in `order` at every event, so the new place holds from the next event on)
             mixers = [cb.order for cb in self.learn.cbs if isinstance(cb, MixHandler)]
-            self.order = min(mixers) - 1 if mixers else MixedPrecision.order + 1
+            self.order = min(mixers) - 1 if mixers else self.subset_order
 
     def before_train(self):
         self.queue.clear()
@@ -141,6 +143,7 @@ class HardMiningCallback(Callback):
         self.reset()
         self._accumulation = LoaderSampleAccumulation(self.learn.cbs)
         self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
+        self._mixed_precision = next((cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)), None)
         self._rows = RecurrentRows(recurrent.carried_state_modules(model) if self.mode == 'subset' else [])
         self._stateful = recurrent.recurrent_modules(model)
         self._check_state_kept()
@@ -173,7 +176,7 @@ class HardMiningCallback(Callback):
     def _end_fit(self):
         self.queue.clear()
         # back to the place the callback was made with (`before_fit` moves it before a MixUp-like callback)
-        if self.mode == 'subset': self.order = MixedPrecision.order + 1
+        if self.mode == 'subset': self.order = self.subset_order
 
     def sample_losses(self, pred=None, yb=None) -> Tensor:
         "Per-sample losses of `pred` against `yb` (default: the Learner's prediction and targets), with their graph"
@@ -188,16 +191,15 @@ class HardMiningCallback(Callback):
             if self._unpack_output and isinstance(pred, (tuple, list)): pred = pred[0]
             return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
         self._reached = {}
-        with self._autocast():
+        with self._autocast() or nullcontext():
             return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of, self._reached,
                                            self._stateful)
 
-    def _autocast(self):
-        "The autocast of a `MixedPrecision` that runs after this callback (so has not entered it for this batch), else none"
-        for cb in self.learn.cbs:
-            if isinstance(cb, MixedPrecision) and cb.order > self.order and getattr(cb, 'autocast', None) is not None:
-                return cb.autocast
-        return nullcontext()
+    def _autocast(self, entered:bool=False):
+        "The autocast of the fit's `MixedPrecision` if it has entered it for this batch (`entered`) or will after this callback"
+        mp = self._mixed_precision
+        if mp is None or getattr(mp, 'autocast', None) is None or (mp.order < self.order) != entered: return None
+        return mp.autocast
 
     def check_finite(self, losses:Tensor):
         "Raise `FloatingPointError` if a loss of the batch is NaN or infinite"
@@ -247,9 +249,8 @@ class HardMiningCallback(Callback):
         self._deferred = False
         # a `MixedPrecision` that runs before this callback entered its autocast in `before_batch`, and the
         # `after_loss` that leaves it will not run for this batch: leave it here
-        for cb in self.learn.cbs:
-            if isinstance(cb, MixedPrecision) and cb.order < self.order and getattr(cb, 'autocast', None) is not None:
-                cb.autocast.__exit__(None, None, None)
+        autocast = self._autocast(entered=True)
+        if autocast is not None: autocast.__exit__(None, None, None)
 
     def _batch_ids(self) -> Tensor|None:
         "Dataset indices of the training batch's samples when the store is in use, else None"

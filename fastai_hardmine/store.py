@@ -53,14 +53,6 @@ class SampleStore:
         self.loss[idx] = losses.detach().to(self.device, self.loss.dtype)
         self.measured_at[idx] = epoch
 
-    def fresh(self,
-              idx:Tensor, # Dataset indices
-              epoch:int, # The current epoch
-              max_age:int, # Oldest usable measurement, in epochs before `epoch`
-             ) -> Tensor:
-        "Which of the samples `idx` have a loss measured `max_age` epochs ago or later"
-        return self.measured_at[idx.to(self.device)] >= epoch - max_age
-
     def losses(self,
                idx:Tensor, # Dataset indices of the batch's samples
                epoch:int, # The current epoch

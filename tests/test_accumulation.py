@@ -7,7 +7,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.training import GradientAccumulation
 from fastai_hardmine.callback import TopKCallback, BatchLossFilterCallback, SelectiveBackpropCallback
 from fastai_hardmine.core import select_top_k
-from test_callback import make_learner, digits, mlp
+from test_callback import make_learner, digits
 from test_subset import one_thread  # noqa: F401 (fixture)
 
 class Steps(Callback):

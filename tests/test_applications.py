@@ -4,7 +4,6 @@ tests/test_text.py). Data is generated; nothing downloads."""
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from fastcore.basics import noop
 from fastai.callback.progress import ProgressCallback

@@ -1,5 +1,4 @@
 "Which dataset indices make up each training batch: every kind of fastai loader, and loaders that cannot be mapped."
-import random
 import pytest
 import torch
 from fastai.torch_core import set_seed

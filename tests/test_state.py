@@ -37,7 +37,7 @@ def snapshot(learn):
 @pytest.mark.parametrize('make', [lambda: TopKCallback(16), lambda: SelectiveBackpropCallback(2, seed=0, fill_batch=True)])
 def test_subset_fit_leaves_the_learner_as_plain_fastai_does(scenario, make):
     "With MixUp, MixedPrecision's autocast and GradientAccumulation in the Learner"
-    states, miners = [], []
+    states = []
     for miner in (None, make()):
         learn = make_learner(cbs=[CpuAutocast(), MixUp(0.4), GradientAccumulation(128)], model_fn=mlp_bn)
         if miner is not None: learn.add_cb(miner)

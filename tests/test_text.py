@@ -1,5 +1,5 @@
 "Text models: an AWD_LSTM language model carries its hidden state as in plain fastai; a classifier's tuple output is unpacked."
-import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
