@@ -6,6 +6,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/callback.html.md"""
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
+import warnings
 from contextlib import nullcontext
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from fastai.callback.core import Callback, CancelBatchException
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
-from fastai.callback.rnn import RNNRegularizer, RNNCallback, ModelResetter
+from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch)
@@ -64,8 +65,10 @@ class HardMiningCallback(Callback):
         # makes `GradientAccumulation` count and weigh loader samples (set up when a fit starts)
         self._accumulation = LoaderSampleAccumulation()
         # recurrent models: every module with a hidden state (the scoring forward puts it back), the rows of those whose
-        # state carries across batches, and the state the scoring forward reached; whether `RNNCallback` unpacks outputs
-        self._stateful, self._rows, self._reached, self._unpack_output = [], RecurrentRows([]), {}, False
+        # state carries across batches, and the state the scoring forward reached
+        self._stateful, self._rows, self._reached = [], RecurrentRows([]), {}
+        # the callbacks whose `after_pred` rewrites the prediction (`RNNCallback`, ...): replayed on the scoring output
+        self._pred_transforms = []
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
         self.fill_batch, self.staleness = False, 0
         self.records, self.queue = MiningRecords(), FillQueue()
@@ -87,7 +90,7 @@ class HardMiningCallback(Callback):
         state = self.__dict__.copy()
         state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None,
                      # what a fit sets up from the Learner it starts with (recurrent states, accumulation counts)
-                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={},
+                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={}, _pred_transforms=[],
                      _mixed_precision=None)
         return state
 
@@ -142,7 +145,7 @@ class HardMiningCallback(Callback):
         self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in model.modules()) else 1
         self.reset()
         self._accumulation = LoaderSampleAccumulation(self.learn.cbs)
-        self._unpack_output = any(isinstance(cb, RNNCallback) for cb in self.learn.cbs)
+        self._pred_transforms = self._find_pred_transforms()
         self._mixed_precision = next((cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)), None)
         self._rows = RecurrentRows(recurrent.carried_state_modules(model) if self.mode == 'subset' else [])
         self._stateful = recurrent.recurrent_modules(model)
@@ -152,6 +155,18 @@ class HardMiningCallback(Callback):
             self.batch_indices = BatchIndices(self.dl, needed_by=' and '.join(users))
             self.store = SampleStore(self.batch_indices.size, device=_model_device(model))
 
+    def _find_pred_transforms(self) -> list:
+        "Subset mode: the callbacks to replay on the scoring output, with a warning naming those that may rewrite it unsaid"
+        if self.mode != 'subset': return []
+        replay, unknown = scoring.pred_transforms(self.learn.cbs, skip=(HardMiningCallback,))
+        if unknown and self.active:
+            names = ', '.join(type(cb).__name__ for cb in unknown)
+            warnings.warn(f"{type(self).__name__}: {names} override(s) `after_pred`, which the scoring forward of "
+                          f"mode='subset' does not run. If it rewrites `learn.pred`, set the class attribute "
+                          f"`transforms_pred = True` so that the scoring output is rewritten the same way; if it does not, "
+                          f"set `transforms_pred = False` to silence this warning.", stacklevel=2)
+        return replay
+
     def _check_state_kept(self):
         "Subset mode: refuse a model whose state across batches the scoring forward or the options cannot keep"
         if self._rows.modules and (self.fill_batch or self.staleness):
@@ -159,14 +174,15 @@ class HardMiningCallback(Callback):
                              f"{type(self._rows.modules[0]).__name__}, which carries each batch row's state to the next batch "
                              f"(they train rows of different batches together, or skip rows' forwards): use "
                              f"fill_batch=False and staleness=0, or mode='mask'")
-        # fastai's `ModelResetter` is the sign that the model carries a state from batch to batch
-        if self.mode != 'subset' or not any(isinstance(cb, ModelResetter) for cb in self.learn.cbs): return
+        # a `reset` method is fastai's mark of a module with a state across batches (`ModelResetter` calls it), with
+        # or without `ModelResetter` in the Learner
+        if self.mode != 'subset': return
         unknown = recurrent.unknown_state_modules(self.learn.model)
         if unknown:
-            raise ValueError(f"{type(self).__name__}: {type(unknown[0]).__name__} keeps a state across batches (fastai's "
-                             f"ModelResetter resets it) that the scoring forward of mode='subset' cannot put back: it puts "
-                             f"back buffers and the `hidden`/`bs` state of AWD_LSTM-like modules only. Use mode='mask', "
-                             f"which runs no scoring forward.")
+            raise ValueError(f"{type(self).__name__}: {type(unknown[0]).__name__} has a `reset` method, fastai's mark of a "
+                             f"module that keeps a state across batches, and the scoring forward of mode='subset' cannot "
+                             f"put that state back: it puts back buffers and the `hidden`/`bs` state of AWD_LSTM-like "
+                             f"modules only. Use mode='mask', which runs no scoring forward.")
 
     def after_train(self): self.records.end_epoch()
     def after_fit(self): self._end_fit()
@@ -187,8 +203,8 @@ class HardMiningCallback(Callback):
         "Per-sample losses of `xb` (default: the whole batch, before any mixing) from a no-grad forward that leaves the model as it was"
         yb = self.yb if yb is None else yb
         def losses_of(pred):
-            # what `RNNCallback.after_pred` does to the training forward's output: the model's output alone
-            if self._unpack_output and isinstance(pred, (tuple, list)): pred = pred[0]
+            # what `RNNCallback.after_pred` (and any callback that says it rewrites `pred`) does to the training output
+            pred = scoring.replay_after_pred(self.learn, self._pred_transforms, pred)
             return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
         self._reached = {}
         with self._autocast() or nullcontext():

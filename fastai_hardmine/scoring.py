@@ -11,11 +11,13 @@ import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.mixup import MixHandler
+from fastai.callback.rnn import RNNCallback
+from fastai.callback.fp16 import MixedPrecision, NonNativeMixedPrecision
 from .core import per_sample_loss, buffers_restored
 from .recurrent import recurrent_state_kept
 
 # %% auto #0
-__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'check_finite']
+__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'check_finite', 'pred_transforms', 'replay_after_pred']
 
 # %% ../nbs/08_scoring.ipynb #c005
 def mix_handler(loss_func) -> MixHandler|None:
@@ -75,3 +77,45 @@ def check_finite(losses:Tensor, # Per-sample losses of a batch
         raise FloatingPointError(
             f"{where}: {int((~finite).sum())} of {len(losses)} per-sample losses are NaN or infinite. Lower the "
             f"learning rate, check the inputs and targets of that batch, or add `GradientClip`.")
+
+# %% ../nbs/08_scoring.ipynb #c019
+# fastai's own callbacks that rewrite `learn.pred` in `after_pred` (the mixed-precision ones cast it to float32), and
+# those whose `after_pred` only records (TensorBoard's projector), by class name: importing them needs their packages
+_KNOWN_PRED_TRANSFORMS = (RNNCallback, MixedPrecision, NonNativeMixedPrecision)
+_KNOWN_RECORDERS = ('TensorBoardBaseCallback',)
+
+def _says(cb) -> bool|None:
+    "Whether `cb`'s `after_pred` rewrites `learn.pred`: as it declares, as known for fastai's own, or None"
+    says = getattr(cb, 'transforms_pred', None)
+    if says is not None: return says
+    if isinstance(cb, _KNOWN_PRED_TRANSFORMS): return True
+    if any(c.__name__ in _KNOWN_RECORDERS for c in type(cb).__mro__): return False
+    return None
+
+def pred_transforms(cbs:list, # The Learner's callbacks, in the order fastai runs them
+                    skip:tuple=(), # Callback types whose `after_pred` the scoring forward needs no replay of (the miner's own)
+                   ) -> tuple[list, list]:
+    "The callbacks whose `after_pred` rewrites `learn.pred` (to replay on the scoring output), and those that may and do not say"
+    replay, unknown = [], []
+    for cb in cbs:
+        if isinstance(cb, skip) or getattr(type(cb), 'after_pred', None) is None: continue
+        says = _says(cb)
+        if says: replay.append(cb)
+        elif says is None: unknown.append(cb)
+    return replay, unknown
+
+def replay_after_pred(learn, # The Learner, whose `pred` the callbacks read and write
+                      cbs:list, # The callbacks to replay, from `pred_transforms`
+                      pred, # The scoring forward's output
+                     ):
+    "`pred` as the callbacks' `after_pred` rewrite it, with the Learner's own `pred` left as it was"
+    if not cbs: return pred
+    missing = object()
+    before = learn.__dict__.get('pred', missing)
+    learn.pred = pred
+    try:
+        for cb in cbs: cb.after_pred()
+        return learn.pred
+    finally:
+        if before is missing: learn.__dict__.pop('pred', None)
+        else: learn.pred = before

@@ -187,13 +187,18 @@ class CpuAutocast(MixedPrecision):
         self.learn.scaler, self.scales = torch.amp.GradScaler('cpu', enabled=False), []
 
 def test_scoring_runs_under_mixed_precision_autocast():
-    seen = []
+    seen, raw = [], []
     def per_sample(pred, y):
         seen.append((torch.is_autocast_enabled('cpu'), pred.dtype))
         return F.cross_entropy(pred.float(), y, reduction='none')
     learn = make_learner(cbs=[CpuAutocast(), TopKCallback(16, per_sample_loss_func=per_sample, mode='subset')])
+    hook = learn.model[-1].register_forward_hook(lambda m, i, o: raw.append(o.dtype))
     learn.fit(1, 1e-2)
-    assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)
+    hook.remove()
+    # the model computes in bfloat16 in both forwards; MixedPrecision's `after_pred` casts the prediction to float32
+    # for the loss, and the miner replays it on the scoring output, so the scoring losses see what fastai's loss sees
+    assert seen and all(on and dtype == torch.float32 for on, dtype in seen)
+    assert raw and all(dtype == torch.bfloat16 for dtype in raw[:2 * len(learn.dls.train)])
     assert not torch.is_autocast_enabled('cpu')
 
 def test_fill_batch_leaves_autocast_when_deferring():

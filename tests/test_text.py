@@ -120,11 +120,64 @@ class Counter(torch.nn.Module):
 def test_state_the_scoring_forward_cannot_put_back_is_refused_at_fit_start():
     from fastai.callback.rnn import ModelResetter
     from test_callback import make_learner
-    learn = make_learner(cbs=[ModelResetter(), TopKCallback(16)], model_fn=Counter)
-    with pytest.raises(ValueError, match="Counter keeps a state across batches.*Use mode='mask'"): learn.fit(1)
-    assert learn.hard_miner.kept.numel() == 0
-    # mask mode runs no scoring forward; without ModelResetter nothing says the model carries a state
-    make_learner(cbs=[ModelResetter(), TopKCallback(16, mode='mask')], model_fn=Counter).fit(1)
-    make_learner(cbs=TopKCallback(16), model_fn=Counter).fit(1)
+    # with or without fastai's ModelResetter: the module's `reset` is the mark of its state
+    for cbs in ([ModelResetter()], []):
+        learn = make_learner(cbs=cbs + [TopKCallback(16)], model_fn=Counter)
+        with pytest.raises(ValueError, match="Counter has a `reset` method.*Use mode='mask'"): learn.fit(1)
+        assert learn.hard_miner.kept.numel() == 0
+        # mask mode runs no scoring forward
+        make_learner(cbs=cbs + [TopKCallback(16, mode='mask')], model_fn=Counter).fit(1)
     # fastai's own text models are known: a language model trains in subset mode with ModelResetter (rnn_cbs)
     lm_learner(TopKCallback(3)).fit(1, 0.)
+
+class DictOutput(torch.nn.Module):
+    "A model returning a dictionary, as many Hugging Face-style models do"
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 10)
+    def forward(self, x): return {'logits': self.lin(x), 'hidden': x}
+
+class TakeLogits(Callback):
+    "A user's callback that rewrites `pred` in `after_pred` and says so"
+    transforms_pred = True
+    def after_pred(self): self.learn.pred = self.pred['logits']
+
+class CountPreds(Callback):
+    "A user's callback that only records in `after_pred`"
+    def __init__(self, says=None):
+        if says is not None: self.transforms_pred = says
+        self.n = 0
+    def after_pred(self): self.n += 1
+
+def test_user_pred_transform_is_replayed_on_the_scoring_output():
+    "A callback with `transforms_pred = True` rewrites the scoring output too: the step is plain PyTorch's on the top k"
+    import copy
+    from test_callback import make_learner
+    from test_accumulation import FirstStep as FirstStepOnly
+    learn = make_learner(cbs=[TakeLogits(), TopKCallback(16)], model_fn=DictOutput, shuffle=False)
+    ref = copy.deepcopy(learn.model).train()
+    x, y = learn.dls.train.one_batch()
+    first = FirstStepOnly()
+    learn.fit(1, 1e-2, cbs=first)
+    with torch.no_grad(): idx = select_top_k(F.cross_entropy(ref(x)['logits'], y, reduction='none'), 16)
+    F.cross_entropy(ref(x[idx])['logits'], y[idx]).backward()
+    for g, p in zip(first.grads, ref.parameters()): torch.testing.assert_close(g, p.grad)
+
+def test_after_pred_that_says_nothing_is_warned_about_and_recorders_run_once():
+    from test_callback import make_learner
+    unsaid = CountPreds()
+    learn = make_learner(cbs=[unsaid, TopKCallback(16)])
+    with pytest.warns(UserWarning, match=r"CountPreds override\(s\) `after_pred`.*transforms_pred = True"): learn.fit(1)
+    # the scoring forward does not run a recording callback: once per training and validation forward
+    assert unsaid.n == len(learn.dls.train) + len(learn.dls.valid)
+    said = CountPreds(says=False)
+    learn = make_learner(cbs=[said, TopKCallback(16)])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        learn.fit(1)
+    assert said.n == len(learn.dls.train) + len(learn.dls.valid)
+    # mask mode runs no scoring forward: nothing to warn about
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        make_learner(cbs=[CountPreds(), TopKCallback(16, mode='mask')]).fit(1)
