@@ -29,8 +29,9 @@ def carried_state_modules(model) -> list:
     return [m for m in recurrent_modules(model) if id(m) not in reset]
 
 # fastai modules whose `reset` keeps nothing across batches beyond what `recurrent_modules` covers: containers
-# that pass `reset` on, and `WeightDropout`, which puts its raw weights back
-_STATELESS_RESETS = ('SequentialRNN', 'SentenceEncoder', 'WeightDropout')
+# that pass `reset` on (`fastai.distributed` gives the data-parallel wrappers one), and `WeightDropout`, which puts
+# its raw weights back
+_STATELESS_RESETS = ('SequentialRNN', 'SentenceEncoder', 'WeightDropout', 'DistributedDataParallel', 'DataParallel')
 
 def unknown_state_modules(model) -> list:
     "Submodules with a `reset` (fastai's mark of a state carried across batches) whose state `recurrent_state_kept` cannot put back"
