@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 from fastcore.basics import patch
+from fastcore.meta import delegates
 from numbers import Integral
 from torch.nn.modules.batchnorm import _BatchNorm
 from fastai.callback.core import Callback, CancelBatchException
@@ -20,7 +21,9 @@ from fastai.callback.mixup import MixHandler
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
-                                  top_k_count, select_selective_backprop, LossHistory, subset_batch)
+                                  top_k_count, select_selective_backprop, LossHistory, subset_batch, bucket_count,
+                                  add_highest_dropped, zero_top_losses)
+from .schedule import SelectionWindow
 from . import scoring, recurrent
 from .recurrent import RecurrentRows
 from .accumulation import LoaderSampleAccumulation
@@ -30,16 +33,20 @@ from .fill_queue import FillQueue, all_processes_agree
 from .records import MiningRecords, kept_loss_share
 
 # %% auto #0
-__all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
+__all__ = ['MODES', 'DEFAULT_BUCKETS', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback',
+           'SelectiveBackpropCallback']
 
 # %% ../nbs/01_callback.ipynb #c005
 MODES = ('mask', 'subset')
+# subset mode's kept counts are rounded up to multiples of an eighth of the loader's batch size (see `bucket_count`)
+DEFAULT_BUCKETS = 8
 
-def _add_highest_dropped(losses:Tensor, idx:Tensor, n:int) -> Tensor:
-    "`idx` with the highest-loss samples it leaves out added until it holds `n`, ascending"
-    left = losses.clone()
-    left[idx] = -torch.inf
-    return torch.cat([idx, left.topk(n - len(idx)).indices]).sort().values
+def _check_buckets(buckets) -> int|None:
+    if buckets is None: return None
+    if isinstance(buckets, bool) or not isinstance(buckets, Integral) or buckets < 0:
+        raise ValueError(f"`buckets` must be None (the default), 0 (exact kept counts) or an int >= 1 (sizes per batch), "
+                         f"got {buckets!r}")
+    return int(buckets)
 
 def _model_device(model) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
@@ -53,12 +60,28 @@ class HardMiningCallback(Callback):
     # with MixUp or CutMix, just before the batch is mixed: see `before_fit`)
     subset_order = MixedPrecision.order + 1
 
+    # True for a rule that keeps the same number of samples from every full batch (nothing to round to buckets)
+    fixed_count = False
+
     def __init__(self,
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
                  mode:str='subset', # 'subset': score first, then train on the kept samples only; 'mask': mask the loss after the full forward
+                 start:float=0., # Share of training before which batches train plain (no selection), in [0, 1]
+                 end:float=1., # Share of training from which batches train plain: a final full-data phase when < 1, in [0, 1]
+                 warmup:int=0, # Epochs trained plain at the start of each fit, >= 0
+                 interrupt:int=0, # Train every `interrupt`-th batch of the fit plain (0: never), 0 or >= 2
+                 buckets:int|None=None, # Subset mode: round kept counts up to multiples of `bs / buckets`; None: 8 where counts vary, 0: exact
+                 ignore_top:float=0., # Share of each batch's highest losses never selected (suspected mislabeled samples), in [0, 1)
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
+        self.window = SelectionWindow(start, end, warmup, interrupt)
+        self.buckets = _check_buckets(buckets)
+        if self.buckets and mode != 'subset':
+            raise ValueError(f"`buckets` rounds the number of samples subset mode trains on; mode={mode!r} trains the whole "
+                             f"batch: leave `buckets` at None")
+        self.ignore_top = check_unit_interval('ignore_top', ignore_top)
+        if self.ignore_top >= 1: raise ValueError(f"`ignore_top` must be a number in [0, 1), got {ignore_top!r}")
         if mode == 'subset': self.order = self.subset_order
         self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
         self._mixed_precision = None  # the fit's `MixedPrecision`, whose autocast scoring runs in
@@ -75,6 +98,13 @@ class HardMiningCallback(Callback):
         # the per-sample store and the batches' dataset indices, made when a fit that needs them starts
         self.store, self.batch_indices = None, None
         self._min_rows = 1
+        # dataset indices of the samples fastai's forward trains on in this batch, when the store is in use
+        self._trained_ids = None
+
+    def bucket_sizes(self) -> int:
+        "The `buckets` in effect: 0 where the kept count needs no rounding (mask mode, `fill_batch`, a fixed count)"
+        if self.mode != 'subset' or self.fill_batch or self.fixed_count: return 0
+        return DEFAULT_BUCKETS if self.buckets is None else self.buckets
 
     def __call__(self, event_name):
         try: return super().__call__(event_name)
@@ -90,7 +120,7 @@ class HardMiningCallback(Callback):
         state = self.__dict__.copy()
         state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None,
                      # what a fit sets up from the Learner it starts with (recurrent states, accumulation counts)
-                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={}, _pred_transforms=[],
+                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={}, _pred_transforms=[], _trained_ids=None,
                      _mixed_precision=None)
         return state
 
@@ -227,11 +257,14 @@ class HardMiningCallback(Callback):
         if self.mode != 'subset' or not self._mining(): return
         self._rows.rows = None
         self._accumulation.loader_batch(batch_size(self.yb) or 0)
-        ids = self._batch_ids()
+        ids = self._trained_ids = self._batch_ids()
         if self._kept_whole(ids): return
         losses, scored = self._batch_losses(ids)
-        idx = self.select(losses)
-        if len(idx) < self._min_rows <= len(losses): idx = _add_highest_dropped(losses, idx, self._min_rows)
+        idx = self._select(losses)
+        # a few shapes instead of one per batch (`bucket_sizes`), and never one sample through BatchNorm
+        n_keep = max(bucket_count(len(idx), len(losses), self.dl.bs or len(losses), self.bucket_sizes()),
+                     min(self._min_rows, len(losses)))
+        idx = add_highest_dropped(losses, idx, n_keep)
         self._batch_loss = losses.mean()
         n_scored = len(losses) if scored is None else len(scored)
         xb, yb, kept_ids = self.xb, self.yb, None if ids is None else ids[idx]
@@ -245,8 +278,9 @@ class HardMiningCallback(Callback):
                 self.learn.loss = self._batch_loss
                 self._deferred = True
                 raise CancelBatchException()
-            xb, yb, trained_ids = batch
-            if ids is not None: self.store.count(trained_ids, trained=True)
+            xb, yb, self._trained_ids = batch
+            if ids is not None: self.store.count(self._trained_ids, trained=True)
+        else: self._trained_ids = kept_ids
         self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
         if xb is not self.xb:
             self.learn.xb, self.learn.yb = xb, yb
@@ -295,24 +329,51 @@ class HardMiningCallback(Callback):
             # log the whole batch's loss, as in mask mode and without the callback
             if self._batch_loss is not None: self.learn.loss = self._batch_loss.to(self.loss.dtype)
             self._accumulation.trained_step(self.learn, batch_size(self.yb))
+            if self.store is not None: self._record_training_losses()
             return
         if self._kept_whole(): return
         losses = self.sample_losses()
         detached = losses.detach()
         self.check_finite(detached)
-        idx = self.select(detached)
+        idx = self._select(detached)
         self.learn.loss_grad = losses[idx].mean()
         self.records.add(len(losses), len(idx), 0, len(losses), kept_loss_share(detached, idx))
 
+    def selects(self) -> bool:
+        "Whether the rule selects on this training batch (see `SelectionWindow`): else the batch trains plain"
+        return self.window.selects(self.epoch, self.iter, self.n_iter, self.n_epoch)
+
+    def _select(self, losses:Tensor) -> Tensor:
+        "The rule's selection, with the top `ignore_top` of the batch's losses counted as zero (never selected)"
+        return self.select(zero_top_losses(losses, self.ignore_top) if self.ignore_top else losses)
+
     def _kept_whole(self, ids:Tensor|None=None) -> bool:
-        "Record and skip a batch the rule keeps whole: no scoring, no per-sample loss, the plain fastai step"
+        "Record and skip a batch the rule keeps whole or does not select on: no scoring, no per-sample loss, fastai's step"
         self._batch_loss = None
         n = batch_size(self.yb)
-        if n is None or not self.keeps_all(n): return False
+        if n is None or (self.selects() and not self.keeps_all(n)): return False
+        queued = len(self.queue)
         # on the batch's device, like the shares of the batches that were scored
-        self.records.add(n, n, 0, n, torch.ones((), device=self.yb[0].device))
+        self.records.add(n, n, 0, n + queued, torch.ones((), device=self.yb[0].device))
         if ids is not None: self.store.count(ids, kept=True, trained=True)
+        if queued: self._train_with_queued(ids)
         return True
+
+    def _train_with_queued(self, ids:Tensor|None):
+        "A batch trained plain while `fill_batch` holds kept samples: train those with it, so none is left untrained"
+        self.queue.push((self.xb, self.yb, ids))
+        xb, yb, trained = self.queue.pop(self.dl.bs, last=True)
+        if ids is not None:
+            self.store.count(trained[:len(trained) - len(ids)], trained=True)
+            self._trained_ids = trained
+        self.learn.xb, self.learn.yb = xb, yb
+
+    def _record_training_losses(self):
+        "Write the training forward's per-sample losses of the trained samples to the store: fresh losses for no extra forward"
+        # under MixUp/CutMix a trained sample's loss is that of a mix, not its own
+        if self._trained_ids is None or scoring.mix_handler(self.learn.loss_func) is not None: return
+        with torch.no_grad(): losses = self.sample_losses()
+        self.store.record_losses(self._trained_ids, losses, self.epoch)
 
     # the records, read through the callback: tensors on the CPU, one entry per training batch since `fit` started
     batch_sizes = property(lambda self: self.records.batch_sizes, doc="Size of each training batch")
@@ -332,13 +393,12 @@ class HardMiningCallback(Callback):
 # %% ../nbs/01_callback.ipynb #c009
 class BatchLossFilterCallback(HardMiningCallback):
     "Train on the fewest highest-loss samples carrying `min_loss_perc` of the batch loss"
+    @delegates(HardMiningCallback.__init__)
     def __init__(self,
                  min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                  min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
-                 per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                 mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
-                ):
-        super().__init__(per_sample_loss_func, mode)
+                 **kwargs):
+        super().__init__(**kwargs)
         self.min_loss_perc = check_unit_interval('min_loss_perc', min_loss_perc, low_open=True)
         self.min_sample_perc = check_unit_interval('min_sample_perc', min_sample_perc)
 
@@ -348,13 +408,17 @@ class BatchLossFilterCallback(HardMiningCallback):
 # %% ../nbs/01_callback.ipynb #c012
 class TopKCallback(HardMiningCallback):
     "Train on the `k` highest-loss samples of each batch (online hard example mining)"
+    fixed_count = True
+
+    @delegates(HardMiningCallback.__init__)
     def __init__(self,
                  k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
-                 per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                 mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
-                ):
-        super().__init__(per_sample_loss_func, mode)
+                 **kwargs):
+        super().__init__(**kwargs)
         self.k = check_top_k(k)
+        if self.buckets:
+            raise ValueError(f"`buckets`: TopKCallback keeps k={k!r} samples of every full batch, one shape already: "
+                             f"leave `buckets` at None")
 
     def select(self, losses): return select_top_k(losses, self.k)
     def keeps_all(self, n): return top_k_count(self.k, n) >= n
@@ -362,16 +426,16 @@ class TopKCallback(HardMiningCallback):
 # %% ../nbs/01_callback.ipynb #c015
 class SelectiveBackpropCallback(HardMiningCallback):
     "Keep each sample with probability (share of recent losses below its loss) ** `beta` (Selective-Backprop)"
+    @delegates(HardMiningCallback.__init__)
     def __init__(self,
                  beta:float=3., # Selectivity, >= 0: 0 keeps everything, larger keeps fewer
                  history_size:int=1024, # Recent losses the percentile is taken over, >= 1
                  seed:int|None=None, # Seed of the callback's own random generator; default: drawn from torch's global RNG
-                 per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                 mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
                  fill_batch:bool=False, # Queue kept samples across batches and train full batches of the loader's size ('subset' mode)
                  staleness:int=0, # Reuse a sample's loss scored up to this many epochs ago instead of scoring it again ('subset' mode)
-                ):
-        super().__init__(per_sample_loss_func, mode)
+                 **kwargs):
+        super().__init__(**kwargs)
+        mode = self.mode
         self.beta, self.seed = check_beta(beta), seed
         if not isinstance(fill_batch, bool): raise ValueError(f"`fill_batch` must be True or False, got {fill_batch!r}")
         if isinstance(staleness, bool) or not isinstance(staleness, Integral) or staleness < 0:
@@ -380,6 +444,9 @@ class SelectiveBackpropCallback(HardMiningCallback):
             raise ValueError(f"`fill_batch` and `staleness` need mode='subset' (they change which samples the step trains "
                              f"on and skip scoring forwards), got mode={mode!r}")
         self.fill_batch, self.staleness = fill_batch, int(staleness)
+        if fill_batch and self.buckets:
+            raise ValueError("`buckets`: with fill_batch=True every step trains a full batch of the loader's size, one "
+                             "shape already: leave `buckets` at None")
         self.history = LossHistory(history_size)
         self.generator = None
 
@@ -417,34 +484,28 @@ def _use_hard_miner(learn:Learner, cb:HardMiningCallback) -> Learner:
     return learn.add_cb(cb)
 
 @patch
+@delegates(BatchLossFilterCallback.__init__)
 def batch_loss_filter(self:Learner,
                       min_loss_perc:float=0.9, # Share of the batch's total loss the kept samples must reach, in (0, 1]
                       min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
-                      per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                      mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
-                     ) -> Learner:
+                      **kwargs) -> Learner:
     "Train on the highest-loss samples carrying `min_loss_perc` of each batch's loss"
-    return _use_hard_miner(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, per_sample_loss_func, mode))
+    return _use_hard_miner(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, **kwargs))
 
 @patch
+@delegates(TopKCallback.__init__)
 def top_k(self:Learner,
           k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
-          per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-          mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
-         ) -> Learner:
+          **kwargs) -> Learner:
     "Train on the `k` highest-loss samples of each batch"
-    return _use_hard_miner(self, TopKCallback(k, per_sample_loss_func, mode))
+    return _use_hard_miner(self, TopKCallback(k, **kwargs))
 
 @patch
+@delegates(SelectiveBackpropCallback.__init__)
 def selective_backprop(self:Learner,
                        beta:float=3., # Selectivity, >= 0: 0 keeps everything, larger keeps fewer
                        history_size:int=1024, # Recent losses the percentile is taken over, >= 1
                        seed:int|None=None, # Seed of the callback's random generator
-                       per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
-                       mode:str='subset', # 'subset' (score, then train on the kept samples only) or 'mask' (mask the loss after the full forward)
-                       fill_batch:bool=False, # Queue kept samples across batches and train full batches ('subset' mode)
-                       staleness:int=0, # Reuse losses scored up to this many epochs ago instead of scoring again ('subset' mode)
-                      ) -> Learner:
+                       **kwargs) -> Learner:
     "Keep each sample with probability (loss percentile) ** `beta` (Selective-Backprop)"
-    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, per_sample_loss_func, mode,
-                                                           fill_batch, staleness))
+    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, **kwargs))

@@ -15,7 +15,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['check_unit_interval', 'check_top_k', 'check_beta', 'batch_size', 'per_sample_loss', 'select_loss_fraction',
            'top_k_count', 'select_top_k', 'selective_backprop_probs', 'select_selective_backprop', 'LossHistory',
-           'subset_batch', 'concat_batches', 'buffers_restored']
+           'bucket_count', 'add_highest_dropped', 'zero_top_losses', 'subset_batch', 'concat_batches',
+           'buffers_restored']
 
 # %% ../nbs/00_core.ipynb #c006
 def check_unit_interval(name:str, value, low_open:bool=False) -> float:
@@ -197,6 +198,36 @@ class LossHistory:
     def values(self) -> Tensor:
         "The losses held, in no particular order"
         return self.buffer[:self.count] if self.buffer is not None else torch.zeros(0)
+
+# %% ../nbs/00_core.ipynb #c041
+def bucket_count(k:int, # Samples the rule kept
+                 n:int, # Samples in the batch
+                 bs:int, # The loader's batch size
+                 buckets:int, # Number of sizes per `bs`; 0 keeps `k` as it is
+                ) -> int:
+    "`k` rounded up to the next multiple of `ceil(bs / buckets)`, at most `n`"
+    if not buckets or k >= n: return min(k, n)
+    step = max(1, _ceil(bs / buckets))
+    return min(n, _ceil(k / step) * step)
+
+def add_highest_dropped(losses:Tensor, # Per-sample losses of the batch, 1-D
+                        idx:Tensor, # Indices the rule kept
+                        n:int, # Samples to keep in all
+                       ) -> Tensor:
+    "`idx` with the highest-loss samples it leaves out added until it holds `n`, ascending"
+    if n <= len(idx): return idx
+    left = losses.clone()
+    left[idx] = -torch.inf
+    return torch.cat([idx, left.topk(n - len(idx)).indices]).sort().values
+
+def zero_top_losses(losses:Tensor, # Per-sample losses, 1-D and non-negative
+                    share:float, # Share of the batch treated as noise: its highest losses, rounded down
+                   ) -> Tensor:
+    "`losses` with its `floor(share * n)` highest values set to zero (a copy when any is)"
+    # the tolerance keeps a share like 1/3 of 6 at 2 (1/3 * 6 is 1.999... in floating point)
+    n_top = int(share * len(losses) + 1e-9)
+    if n_top == 0: return losses
+    return losses.index_fill(0, losses.topk(n_top).indices, 0.)
 
 # %% ../nbs/00_core.ipynb #c030
 def subset_batch(b, # A tensor, or tuples, lists and dicts of them

@@ -93,14 +93,26 @@ def full_first_batch(learn):
     learn.fit(1, cbs=first)
     return first.b
 
-@pytest.mark.parametrize('rule, select', [('top_k', lambda l: select_top_k(l, 16)),
-                                          ('loss_filter', lambda l: select_loss_fraction(l, 0.6))])
+def bucketed(select, step):
+    "Reference of shape buckets: the rule's kept set, then the highest-loss others until the count is a multiple of `step`"
+    def rounded(losses):
+        idx = select(losses).tolist()
+        target = min(len(losses), -(-len(idx) // step) * step)
+        others = [i for i in losses.argsort(descending=True).tolist() if i not in idx]
+        return torch.tensor(sorted(idx + others[:target - len(idx)]))
+    return rounded
+
+@pytest.mark.parametrize('rule, kw, select', [('top_k', {}, lambda l: select_top_k(l, 16)),
+                                              ('loss_filter', dict(buckets=0), lambda l: select_loss_fraction(l, 0.6)),
+                                              # the default: 8 sizes per batch of 64, multiples of 8
+                                              ('loss_filter', {}, bucketed(lambda l: select_loss_fraction(l, 0.6), 8)),
+                                              ('loss_filter', dict(buckets=3), bucketed(lambda l: select_loss_fraction(l, 0.6), 22))])
 @pytest.mark.parametrize('model_fn', ['mlp', 'mlp_bn'])
-def test_gradient_equals_plain_pytorch_on_kept(rule, select, model_fn):
+def test_gradient_equals_plain_pytorch_on_kept(rule, kw, select, model_fn):
     from test_callback import mlp
     make = {'mlp': mlp, 'mlp_bn': mlp_bn}[model_fn]
     (xb, yb) = full_first_batch(make_learner(model_fn=make))
-    learn = make_learner(cbs=RULES[rule](), model_fn=make)
+    learn = make_learner(cbs=RULES[rule](**kw), model_fn=make)
     ref = copy.deepcopy(learn.model).train()
     stop = StopBeforeStep()
     learn.fit(1, 1e-2, cbs=stop)
@@ -222,10 +234,16 @@ class RecordIds(Recording, SelectiveBackpropCallback):
         idx = super().select(losses)
         ids = self.xb[0][:, 0]
         self.log.append((self.epoch, ids.clone(), losses.clone(), ids[idx].clone()))
+        self.events.append(('scored', self.epoch, ids.clone(), losses.clone()))
         return idx
+    def after_loss(self):
+        super().after_loss()
+        # the training forward's own per-sample losses, which the miner writes to the store ("free losses")
+        with torch.no_grad(): losses = self.per_sample_loss_func(self.pred, *self.yb)
+        self.events.append(('trained', self.epoch, self.xb[0][:, 0].clone(), losses.clone()))
     def reset(self):
         super().reset()
-        self.log = []
+        self.log, self.events = [], []
 
 @pytest.mark.parametrize('n, bs, drop_last', [(200, 32, False), (192, 32, False), (200, 32, True)])
 def test_fill_batch_trains_every_kept_sample_once_per_epoch(n, bs, drop_last):
@@ -270,21 +288,23 @@ def test_staleness_reuses_cached_losses_aligned_with_samples(n, bs, drop_last, s
     learn.fit(epochs, 1e-3)
     n_batches = n // bs if drop_last else math.ceil(n / bs)
     scored = cb.scored.view(epochs, n_batches).sum(1).tolist()
-    last_scored = {}   # id -> (epoch, loss) when its loss was last computed
+    last_measured = {}   # id -> (epoch, loss) when its loss was last computed: by the scoring or the training forward
     for e in range(epochs):
-        batches = [(ids, losses) for ep, ids, losses, _ in cb.log if ep == e]
-        seen = torch.cat([ids for ids, _ in batches]).tolist()
+        seen = torch.cat([ids for kind, ep, ids, _ in cb.events if ep == e and kind == 'scored']).tolist()
         assert seen != sorted(seen)  # shuffled: batches differ from one epoch to the next
-        fresh = [i for i in seen if i in last_scored and e - last_scored[i][0] <= staleness]
+        fresh = [i for i in seen if i in last_measured and e - last_measured[i][0] <= staleness]
         # only the samples without a fresh enough loss were forwarded for scoring
         assert scored[e] == len(seen) - len(fresh)
-        for ids, losses in batches:
+        for kind, ep, ids, losses in cb.events:
+            if ep != e: continue
             for i, l in zip(ids.tolist(), losses.tolist()):
-                if i in fresh: assert l == last_scored[i][1], f"epoch {e}: sample {i} got another sample's loss"
-                else: last_scored[i] = (e, l)
-    # every epoch starts fully scored or fully cached, except drop_last's never-seen samples
+                if kind == 'scored' and i in fresh: assert l == last_measured[i][1], f"epoch {e}: sample {i} got another sample's loss"
+                else: last_measured[i] = (e, l)
+    # the first epoch is fully scored, except drop_last's never-seen samples
     assert scored[0] == (n_batches * bs if drop_last else n)
     assert scored[1] < scored[0]
+    # free losses: the kept samples' losses came from their training forward, so fewer are scored than without them
+    assert sum(scored) < (epochs // (staleness + 1)) * scored[0]
 
 def test_stale_step_runs_no_scoring_forward():
     forwards = []
