@@ -14,3 +14,4 @@ from .core import *
 from .callback import *
 # nbdev writes an empty `__all__` for a module that defines nothing: list what the star-imports bring
 __all__ = ['Learner'] + _core.__all__ + _callback.__all__
+from .prune import *; from fastai_hardmine.prune import __all__ as _prune_all; __all__ += _prune_all
