@@ -72,6 +72,7 @@ class HardMiningCallback(Callback):
                  interrupt:int=0, # Train every `interrupt`-th batch of the fit plain (0: never), 0 or >= 2
                  buckets:int|None=None, # Subset mode: round kept counts up to multiples of `bs / buckets`; None: 8 where counts vary, 0: exact
                  ignore_top:float=0., # Share of each batch's highest losses never selected (suspected mislabeled samples), in [0, 1)
+                 score_scale:float=1., # Subset mode, image inputs: score a copy resized by this factor, in (0, 1]
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
@@ -82,6 +83,10 @@ class HardMiningCallback(Callback):
                              f"batch: leave `buckets` at None")
         self.ignore_top = check_unit_interval('ignore_top', ignore_top)
         if self.ignore_top >= 1: raise ValueError(f"`ignore_top` must be a number in [0, 1), got {ignore_top!r}")
+        self.score_scale = check_unit_interval('score_scale', score_scale, low_open=True)
+        if self.score_scale < 1 and mode != 'subset':
+            raise ValueError(f"`score_scale` resizes the scoring forward's inputs; mode={mode!r} runs no scoring forward: "
+                             f"use mode='subset' or score_scale=1")
         if mode == 'subset': self.order = self.subset_order
         self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
         self._mixed_precision = None  # the fit's `MixedPrecision`, whose autocast scoring runs in
@@ -238,8 +243,8 @@ class HardMiningCallback(Callback):
             return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
         self._reached = {}
         with self._autocast() or nullcontext():
-            return scoring.scoring_forward(self.learn.model, self.xb if xb is None else xb, losses_of, self._reached,
-                                           self._stateful)
+            return scoring.scoring_forward(self.learn.model, scoring.downscaled(self.xb if xb is None else xb, self.score_scale),
+                                           losses_of, self._reached, self._stateful)
 
     def _autocast(self, entered:bool=False):
         "The autocast of the fit's `MixedPrecision` if it has entered it for this batch (`entered`) or will after this callback"

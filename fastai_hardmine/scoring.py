@@ -8,6 +8,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/scoring.html.md"""
 from __future__ import annotations
 from typing import Callable
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.mixup import MixHandler
@@ -17,7 +18,8 @@ from .core import per_sample_loss, buffers_restored
 from .recurrent import recurrent_state_kept
 
 # %% auto #0
-__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'check_finite', 'pred_transforms', 'replay_after_pred']
+__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'downscaled', 'check_finite', 'pred_transforms',
+           'replay_after_pred']
 
 # %% ../nbs/08_scoring.ipynb #c005
 def mix_handler(loss_func) -> MixHandler|None:
@@ -63,10 +65,23 @@ def scoring_forward(model, # The training model (a `DistributedDataParallel` wra
                    ) -> Tensor:
     "Per-sample losses of `xb` from a no-grad forward in train mode that leaves the buffers, the mode and any recurrent state of `model` as they were"
     if isinstance(model, DistributedDataParallel): model = model.module
-    with buffers_restored(model), recurrent_state_kept(model, reached, recurrent), torch.no_grad():
+    with buffers_restored(model), recurrent_state_kept(model, reached, recurrent), torch.inference_mode():
         try: pred = model(*xb)
         except Exception as e: raise _from_the_model(e)
         return losses_of(pred)
+
+def downscaled(xb:tuple, # Inputs of the batch; the first must be images, (N, C, H, W) floats
+               scale:float, # Factor applied to the height and width, in (0, 1]
+              ) -> tuple:
+    "`xb` with its images resized by `scale` (bilinear), for a cheaper scoring forward; the other inputs as they are"
+    if scale == 1: return xb
+    x = xb[0]
+    if not (isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point()):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"`score_scale` resizes image batches of shape (N, C, H, W), but the batch's first input is "
+                         f"{shape}: use score_scale=1 for other inputs")
+    small = F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=False, antialias=True)
+    return (small, *xb[1:])
 
 def check_finite(losses:Tensor, # Per-sample losses of a batch
                  where:str, # What to name in the error: the callback, batch and epoch

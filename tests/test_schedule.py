@@ -135,3 +135,35 @@ def test_buckets_round_kept_counts_up():
     (lambda: make_learner().batch_loss_filter(warmup=-1), '`warmup` must be an int >= 0')])
 def test_bad_schedule_bucket_and_guard_arguments(make, msg):
     with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace(')', r'\)').replace('[', r'\[')): make()
+
+class SmallCNN(torch.nn.Module):
+    "A convnet that takes any image size (adaptive pooling), as vision models do"
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Linear(8, 4)
+    def forward(self, x): return self.head(F.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1).flatten(1))
+
+def test_score_scale_scores_downscaled_images():
+    "score_scale=0.5: the rule ranks the losses of the images resized to half, and trains on the full-size kept images"
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai_hardmine.data import TensorDataLoader, IndexedTensors
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 3, 16, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    dls = DataLoaders(TensorDataLoader(IndexedTensors(x, y), bs=32), TensorDataLoader(IndexedTensors(x[:8], y[:8]), bs=8))
+    torch.manual_seed(0)
+    learn = Learner(dls, SmallCNN(), loss_func=F.cross_entropy, cbs=TopKCallback(8, score_scale=0.5))
+    ref = copy.deepcopy(learn.model)
+    seen = []
+    class Seen(Callback):
+        order, run_valid = 60, False
+        def after_pred(self): seen.append(self.learn.xb[0].clone())
+    learn.fit(1, 0., cbs=Seen())
+    small = F.interpolate(x[:32], scale_factor=0.5, mode='bilinear', align_corners=False, antialias=True)
+    with torch.no_grad(): idx = F.cross_entropy(ref(small), y[:32], reduction='none').topk(8).indices.sort().values
+    assert seen[0].shape == (8, 3, 16, 16) and torch.equal(seen[0], x[:32][idx])
+    with torch.no_grad(): full = F.cross_entropy(ref(x[:32]), y[:32], reduction='none').topk(8).indices.sort().values
+    assert not torch.equal(idx, full)  # the downscaled ranking differs here: the test would see a full-size scoring
+    with pytest.raises(ValueError, match='first input is'):
+        make_learner(cbs=TopKCallback(8, score_scale=0.5)).fit(1)
+    with pytest.raises(ValueError, match='runs no scoring forward'): TopKCallback(8, score_scale=0.5, mode='mask')
