@@ -71,17 +71,18 @@ def test_fill_batch_queue_trains_with_a_plain_batch():
     trained = []
     class Trained(Callback):
         order, run_valid = 60, False
-        def after_pred(self): trained.append((self.epoch, self.learn.xb[0][:, 0].clone()))
+        def after_pred(self): trained.append((self.epoch, self.iter, self.learn.xb[0][:, 0].clone()))
     learn.fit(2, 1e-3, cbs=Trained())
     n_iter = 7
     assert len(cb.kept) == 2 * n_iter and len(trained) == int((cb.trained > 0).sum())
     for e in range(2):
-        ids = torch.cat([t for ep, t in trained if ep == e]).tolist()
+        ids = torch.cat([t for ep, _, t in trained if ep == e]).tolist()
         assert len(ids) == len(set(ids)) == int(cb.kept[e * n_iter:(e + 1) * n_iter].sum())
     # the plain batches (every third of the fit) trained their whole batch plus what was queued
     plain = [i for i in range(2 * n_iter) if i % 3 == 2]
-    assert all(cb.trained[i] >= cb.batch_sizes[i] for i in plain)
-    assert any(cb.trained[i] > cb.batch_sizes[i] for i in plain)
+    sizes = {e * n_iter + i: len(t) for e, i, t in trained}
+    assert all(sizes[i] == cb.trained[i] >= cb.batch_sizes[i] for i in plain)
+    assert any(sizes[i] > cb.batch_sizes[i] for i in plain)
 
 @pytest.mark.parametrize('mode', ['subset', 'mask'])
 def test_ignore_top_never_selects_the_highest_losses(mode):
