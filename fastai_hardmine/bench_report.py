@@ -114,12 +114,13 @@ def plot_frontier(task:str, # The task's name, for the title and the file name
     fig, axes = _figure(len(groups))
     for ax, g in zip(axes, groups):
         for m in methods:
+            # joined in epoch order: a line that doubles back in time shows the noise, it does not hide it
             pts = sorted(((a['summary']['train_time'], 100 * a['summary']['final_accuracy']['mean'], a['epochs'])
-                          for a in g['arms'].values() if _method(a) == m), key=lambda p: p[0]['median'])
+                          for a in g['arms'].values() if _method(a) == m), key=lambda p: p[2])
             x = [t['median'] for t, *_ in pts]
             xerr = [[t['median'] - t['min'] for t, *_ in pts], [t['max'] - t['median'] for t, *_ in pts]]
             ax.errorbar(x, [y for _, y, _ in pts], xerr=xerr, color=colors[m], marker='o' if m == _PLAIN else '.',
-                        lw=2 if m == _PLAIN else 1, capsize=2, label=m)
+                        lw=2 if m == _PLAIN else 1, elinewidth=.8, capsize=2, label=m)
             for xi, (_, y, e) in zip(x, pts):
                 ax.annotate(f"{e} ep", (xi, y), xytext=(3, 3), textcoords='offset points', fontsize=6, color=colors[m])
         target = statistics.fmean(r['final_accuracy'] for r in g['arms'][res['baseline']]['runs'])

@@ -204,7 +204,7 @@ def test_time_to_accuracy():
 
 def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     out = tmp_path/'out'
-    args = ['--quick', '--num-samples', '600', '--epochs', '2', '--plain-budgets', '50', '--mining-budgets', '100',
+    args = ['--quick', '--num-samples', '600', '--epochs', '2', '--plain-budgets', '50', '--mining-budgets', '50',
             '--device', 'cpu', '--out', str(out)]
     # show_bar left at its default: captured output is no terminal, so fastai's bars and epoch tables stay hidden
     main(args)
