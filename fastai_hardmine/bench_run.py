@@ -208,9 +208,9 @@ class Progress:
         return sum(s for _, s in done) / est if est > 0 else None
 
     def seconds_left(self) -> float:
-        "Estimates of the runs to come, each scaled by took/estimated of its task's finished runs (of all runs if none)"
-        overall = self._scale() or 1.
-        scales = {t: self._scale(t) or overall for t, _ in self.planned}
+        "Estimates of the runs to come, each scaled by took/estimated of its task's finished runs (unscaled if none yet)"
+        # another task's scale says little: a tiny MLP's runs are mostly fixed costs that its warm-up rate leaves out
+        scales = {t: self._scale(t) or 1. for t, _ in self.planned}
         return sum(e * scales[t] for t, e in self.planned[len(self.took):])
 
     def done(self, label:str, # What ran
@@ -381,8 +381,10 @@ def warm_up(task:str, # 'ohem', 'filter' or 'selective'
         rates[a.name] = rec['epoch_train_s'][-1] / n
     return rates
 
-def _plan(task:str, cfg:dict, seeds:int, same_seed:bool, rates:dict, n_train:int) -> list[tuple[str, float]]:
-    return [(task, rates[a.method] * n_train * a.epochs) for *_, arms in _schedule(task, cfg, seeds, same_seed) for a in arms]
+def _plan(task:str, cfg:dict, seeds:int, same_seed:bool, rates:dict, n_train:int, n_valid:int) -> list[tuple[str, float]]:
+    # a validation forward costs about a third of a training step per sample
+    samples = n_train + cfg['valid_per_epoch'] * n_valid / 3
+    return [(task, rates[a.method] * samples * a.epochs) for *_, arms in _schedule(task, cfg, seeds, same_seed) for a in arms]
 
 def _load(task:str, cfg:dict, cache_dir):
     data = bench_data(cfg['data'], cfg['num_samples'], cache_dir)
@@ -398,7 +400,8 @@ def plan_task(task:str, # 'ohem', 'filter' or 'selective'
     "`(task, estimated seconds)` of every run `run_task` will make, in its order, from a warm-up of each method"
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     data, make_model, loss_func = _load(task, cfg, cache_dir)
-    return _plan(task, cfg, seeds, same_seed, warm_up(task, cfg, data, make_model, loss_func, device), len(data[0]))
+    return _plan(task, cfg, seeds, same_seed, warm_up(task, cfg, data, make_model, loss_func, device), len(data[0]),
+                 len(data[2]))
 
 def run_task(task:str, # 'ohem', 'filter' or 'selective'
              cfg:dict, # Settings, from `bench_config`
@@ -419,7 +422,7 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
                   a.name: dict(method=a.method, epochs=a.epochs, bs=a.bs, plain=a.plain, runs=[]) for a in arms})
               for n in (cfg['noise'] if task == 'selective' else [0.])]
     rates = warm_up(task, cfg, (x, y, xv, yv), make_model, loss_func, device)
-    if progress is None: progress = Progress(_plan(task, cfg, seeds, same_seed, rates, len(x)), log)
+    if progress is None: progress = Progress(_plan(task, cfg, seeds, same_seed, rates, len(x), len(xv)), log)
     hist = {}
     for r, seed, gi, order in _schedule(task, cfg, seeds, same_seed):
         g = groups[gi]

@@ -303,9 +303,9 @@ def test_steady_times():
 def test_progress_estimates_the_time_left():
     lines = []
     p = Progress([('ohem', 2.), ('filter', 10.), ('filter', 10.), ('filter', 5.)], lines.append)
-    p.done('a', 4.)    # ohem took twice its estimate: so will filter, for all we know: 2 x 25 s
+    p.done('a', 4.)    # ohem took twice its estimate, which says nothing about filter: 25 s
     p.done('b', 5.)    # filter took half its estimate: 0.5 x 15 s
-    assert lines == ['[1/4] a: 4.0 s, about 50 s left', '[2/4] b: 5.0 s, about 8 s left']
+    assert lines == ['[1/4] a: 4.0 s, about 25 s left', '[2/4] b: 5.0 s, about 8 s left']
 
 def test_steady_and_equal_accuracy_follow_the_runs(results):
     "Each run's comparisons, recomputed here from the recorded curves and epoch durations"
