@@ -80,9 +80,9 @@ _DEFAULTS = dict(
                          dict(beta=3, fill_batch=True, staleness=1)], **_BUDGETS),
 )
 _QUICK = dict(
-    ohem=dict(num_samples=4_000, epochs=8),
-    filter=dict(num_samples=4_000, epochs=6),
-    selective=dict(num_samples=4_000, epochs=6, noise=[0., .2], arms=[dict(beta=1), dict(beta=3), dict(beta=3, staleness=1)]),
+    ohem=dict(num_samples=3_000, epochs=8),
+    filter=dict(num_samples=3_000, epochs=6),
+    selective=dict(num_samples=3_000, epochs=6, noise=[0., .2], arms=[dict(beta=1), dict(beta=3), dict(beta=3, staleness=1)]),
 )
 
 def budget_epochs(epochs:int, # The task's full epoch count
