@@ -369,16 +369,18 @@ def warm_up(task:str, # 'ohem', 'filter' or 'selective'
             loss_func, # The task's loss function
             device=None, # Training device
            ) -> dict[str, float]:
-    "Train each method two short epochs (untimed for the results); seconds per training sample of its second epoch"
+    "Train each method three short epochs (untimed for the results); seconds per training sample of its fastest later epoch"
     methods = task_methods(task, cfg, 0)
-    n = min(2 * max(a.bs for a in methods), len(data[0]))
+    # four batches an epoch, so that per-epoch costs weigh little; the first epoch pays the first calls
+    n = min(4 * max(a.bs for a in methods), len(data[0]))
     x, y, xv, yv = data
     init = make_model().state_dict()
     rates = {}
     for a in methods:
-        rec, _ = train_arm((x[:n], y[:n], xv[:n], yv[:n]), make_model, init, loss_func, a.bs, 2, cfg['lr'], 0,
+        rec, _ = train_arm((x[:n], y[:n], xv[:n], yv[:n]), make_model, init, loss_func, a.bs, 3, cfg['lr'], 0,
                            a.add_rule, device, show_bar=False, opt=cfg['opt'])
-        rates[a.name] = rec['epoch_train_s'][-1] / n
+        # the fastest epoch: a moment of load on the machine would otherwise set the estimate of a whole run
+        rates[a.name] = min(rec['epoch_train_s'][1:]) / n
     return rates
 
 def _plan(task:str, cfg:dict, seeds:int, same_seed:bool, rates:dict, n_train:int, n_valid:int) -> list[tuple[str, float]]:
