@@ -439,7 +439,7 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
                                    arm.add_rule, device, cfg['valid_per_epoch'], show_bar, cfg['opt'])
             rec['seed'], rec['repeat'], rec['epochs'] = seed, r, arm.epochs
             g['arms'][arm.name]['runs'].append(rec)
-            if task == 'ohem' and not arm.plain and r == 0 and arm.name == arm.method:
+            if task == 'ohem' and not arm.plain and r == 0:
                 hist[arm.name] = loss_histogram(learn.model, loss_func, x[:arm.bs].to(device), yt[:arm.bs].to(device),
                                                 learn.hard_miner.k)
             progress.done(label, time.perf_counter() - start)
@@ -449,6 +449,9 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
         for arm in g['arms'].values(): arm['summary'] = _summary(arm['runs'])
     res = dict(config=cfg, device=str(device), seeds=seeds, same_seed=same_seed, n_train=len(x), n_valid=len(xv),
                baseline=baseline, plain_arms=plain, groups=groups)
-    # in the arms' listed order, whichever order repeat 0 ran them in
-    if hist: res['loss_histogram'] = {a.name: hist[a.name] for a in arms if a.name in hist}
+    # one histogram per rule, at its longest budget, in the arms' listed order (whichever order repeat 0 ran them in)
+    longest = {}
+    for a in arms:
+        if a.name in hist and (a.method not in longest or a.epochs > longest[a.method].epochs): longest[a.method] = a
+    if hist: res['loss_histogram'] = {a.name: hist[a.name] for a in longest.values()}
     return res
