@@ -1,4 +1,4 @@
-"""`hardmine-bench`: the three seed experiments, each rule side by side with plain fastai, on data that needs no download.
+"""`hardmine-bench`: the three seed experiments, each rule against plain fastai at its full and at its fastest one-cycle schedule, on data that needs no download.
 
 Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench.html.md"""
 
@@ -6,13 +6,13 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench.html.md"""
 
 # %% ../nbs/04_bench.ipynb #c003
 from __future__ import annotations
-import argparse, json, os, platform, sys, time
+import argparse, json, math, os, platform, sys, time
 from pathlib import Path
 import torch
 import fastai
 from .bench_data import TASKS, bench_config
-from .bench_run import OPTIMIZERS, run_task
-from .bench_report import format_task_table, plot_task
+from .bench_run import OPTIMIZERS, Progress, plan_task, run_task
+from .bench_report import READING, format_task_table, format_noise_note, plot_task
 
 # %% auto #0
 __all__ = ['main']
@@ -24,21 +24,40 @@ def _cpu_name() -> str:
             return next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor() or platform.machine()
 
+def _percents(text:str) -> list[float]:
+    "Comma-separated percentages as fractions: '40,55' gives [0.4, 0.55]; 'none' gives []"
+    if text.strip().lower() == 'none': return []
+    try: values = [float(t) / 100 for t in text.split(',')]
+    except ValueError: raise argparse.ArgumentTypeError(f"expected comma-separated percentages such as 40,55,70; got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"percentages must be above 0; got {text!r}")
+    return values
+
+def _pcts(fracs:list[float]) -> str: return ','.join(f"{100 * f:g}" for f in fracs)
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='hardmine-bench', description=
-        "Train the same models with plain fastai and with each hard-mining rule (mode='subset'), side by side: "
-        "time to the plain arm's final accuracy, final accuracy and loss, samples scored and trained.")
+        "Train the same models with plain fastai (at its full and at shorter one-cycle schedules) and with each "
+        "hard-mining rule (mode='subset', at one or more epoch budgets), interleaved over repeats: each rule's speed-up "
+        "at equal accuracy against the full plain schedule and against the fastest plain schedule, final accuracy "
+        "and loss, samples scored and trained.")
     p.add_argument('--task', choices=TASKS + ('all',), default='all', help='task to run (default: all)')
-    p.add_argument('--quick', action='store_true', help='smoke-test sizes: every task in a few minutes on 2 CPU cores')
+    p.add_argument('--quick', action='store_true', help='smoke-test sizes and 1 repeat: every task in a few minutes on 2 CPU cores')
     p.add_argument('--device', default=None, help="training device (default: cuda if available, else cpu)")
-    p.add_argument('--seeds', type=int, default=None, help='number of seeds (default: 1 with --quick, else 3)')
+    p.add_argument('--seeds', type=int, default=None, help='number of repeats, repeat r with seed r; every repeat runs all '
+                   'arms in a rotated order (default: 1 with --quick, else 3)')
+    p.add_argument('--same-seed', action='store_true', help='every repeat with seed 0, so repeats differ by timing noise only')
     p.add_argument('--out', default='hardmine-bench-out', help='folder for results.json, tables, plots and the data cache')
     p.add_argument('--data', choices=('mnist1d', 'digits'), default=None, help='data set (default: mnist1d)')
     p.add_argument('--num-samples', type=int, default=None, help='MNIST-1D samples generated, 80%% of them train '
                    f"(default: {bench_config('ohem')['num_samples']}, {bench_config('ohem', quick=True)['num_samples']} with --quick)")
-    p.add_argument('--epochs', type=int, default=None, help="epochs per arm (default: the task's, see bench_config)")
-    p.add_argument('--mining-epochs', type=int, default=None, help='epochs of the hard-mining arms, so that a rule '
-                   'with cheaper epochs can use them to reach the target (default: as many as the plain arm)')
+    p.add_argument('--epochs', type=int, default=None, help="epochs of the full schedule (default: the task's, see bench_config)")
+    p.add_argument('--plain-budgets', type=_percents, default=None, metavar='PCTS',
+                   help="plain fastai's shorter one-cycle schedules, in %% of --epochs, each below 100, or 'none' "
+                   f"(default: {_pcts(bench_config('filter')['plain_budgets'])})")
+    p.add_argument('--mining-budgets', type=_percents, default=None, metavar='PCTS',
+                   help="epoch budgets of the hard-mining arms in %% of --epochs; above 100 lets a rule with cheaper epochs "
+                   f"train longer (default: {_pcts(bench_config('filter')['mining_budgets'])})")
     p.add_argument('--lr', type=float, default=None, help="peak learning rate of the one-cycle schedule (default: the task's)")
     p.add_argument('--opt', choices=tuple(OPTIMIZERS), default=None, help="optimizer (default: the task's, see bench_config)")
     p.add_argument('--bs', type=int, default=None, help='batch size of the filter and selective tasks (default: 128)')
@@ -48,52 +67,73 @@ def _parser() -> argparse.ArgumentParser:
                    help='validate K times per epoch, evenly spread, for a finer time to accuracy (default: 1, at the end)')
     return p
 
+def _check_positive(p:argparse.ArgumentParser, args):
+    for name in ('seeds', 'num_samples', 'epochs', 'bs', 'valid_per_epoch'):
+        v = getattr(args, name)
+        if v is not None and v < 1: p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.lr is not None and not args.lr > 0: p.error(f"--lr must be > 0, got {args.lr}")
+
 def main(argv:list[str]|None=None, # Command line arguments, without the program name
-         show_bar:bool=True, # Show fastai's progress bars and epoch tables
+         show_bar:bool=True, # Show fastai's progress bars and epoch tables (only ever when stdout is a terminal)
         ):
     "Command line entry point of `hardmine-bench`: run the tasks, print the tables, write results, tables and plots to `--out`"
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    _check_positive(p, args)
+    # bars redrawn into a log file pile up (hundreds of KB per run): a log gets one line per arm instead
+    show_bar = show_bar and sys.stdout.isatty()
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit("hardmine-bench: --device cuda, but no CUDA device is available")
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    if seeds < 1: raise SystemExit(f"hardmine-bench: --seeds must be >= 1, got {seeds}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tasks = TASKS if args.task == 'all' else (args.task,)
+    try:
+        cfgs = {task: bench_config(task, args.quick, data=args.data, num_samples=args.num_samples, epochs=args.epochs,
+                                   lr=args.lr, opt=args.opt, valid_per_epoch=args.valid_per_epoch,
+                                   plain_budgets=args.plain_budgets, mining_budgets=args.mining_budgets,
+                                   **({'bs': args.bs} if task != 'ohem' else {}),
+                                   **({'loss': args.loss} if task == 'ohem' else {}))
+                for task in tasks}
+    except ValueError as e: p.error(str(e))
+    out.mkdir(parents=True, exist_ok=True)
     meta = dict(command='hardmine-bench ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                 device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name(),
                 threads=torch.get_num_threads(), cpu_count=os.cpu_count(), torch=torch.__version__, fastai=fastai.__version__,
                 python=platform.python_version(), platform=platform.platform(), quick=args.quick, seeds=seeds,
-                started=time.strftime('%Y-%m-%d %H:%M:%S'))
-    print(f"hardmine-bench: tasks {', '.join(tasks)}; {seeds} seed(s); {device} ({meta['device_name']}, "
+                same_seed=args.same_seed, started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    print(f"hardmine-bench: tasks {', '.join(tasks)}; {seeds} repeat(s), "
+          f"{'each with seed 0' if args.same_seed else 'repeat r with seed r'}; {device} ({meta['device_name']}, "
           f"{meta['threads']} threads); torch {torch.__version__}, fastai {fastai.__version__}; results in {out}/")
-    results = dict(meta=meta, tasks={})
     start = time.perf_counter()
+    # a short warm-up of every method first, so the time left is estimated for all tasks from the first line on
+    planned = [run for task in tasks for run in plan_task(task, cfgs[task], seeds, device, out, args.same_seed)]
+    progress = Progress(planned)
+    first = sum(e for _, e in planned)
+    print(f"{len(planned)} runs, about {f'{first:.0f} s' if first < 90 else f'{first / 60:.0f} min'} by a first estimate "
+          "(refined as runs finish)", flush=True)
+    results = dict(meta=meta, tasks={})
     for task in tasks:
-        cfg = bench_config(task, args.quick, data=args.data, num_samples=args.num_samples, epochs=args.epochs, lr=args.lr,
-                           mining_epochs=args.mining_epochs,
-                           opt=args.opt, valid_per_epoch=args.valid_per_epoch, **({'bs': args.bs} if task != 'ohem' else {}),
-                           **({'loss': args.loss} if task == 'ohem' else {}))
-        results['tasks'][task] = run_task(task, cfg, seeds, device, out, show_bar)
+        results['tasks'][task] = run_task(task, cfgs[task], seeds, device, out, show_bar, same_seed=args.same_seed,
+                                          progress=progress)
         # written after every task, so an interrupted run keeps what it finished
         meta['wall_s'] = time.perf_counter() - start
         (out/'results.json').write_text(json.dumps(results, indent=1))
     meta['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
     (out/'results.json').write_text(json.dumps(results, indent=1))
     for task, res in results['tasks'].items():
-        table = format_task_table(res)
+        table, note = format_task_table(res), format_noise_note(res)
         cfg = res['config']
-        epochs = f"{cfg['epochs']} epochs" + (f" ({cfg['mining_epochs']} for the mining arms)"
-                                              if cfg['mining_epochs'] != cfg['epochs'] else '')
-        title = (f"## {task}: {cfg['data']} ({res['n_train']} train / {res['n_valid']} valid), {epochs}, "
-                 f"{seeds} seed(s), {res['device']}")
-        (out/f'{task}.md').write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n{table}\n")
+        budgets = (f"plain fastai also at {_pcts(cfg['plain_budgets']) or 'no shorter schedule'}%, "
+                   f"rules at {_pcts(cfg['mining_budgets'])}%")
+        title = (f"## {task}: {cfg['data']} ({res['n_train']} train / {res['n_valid']} valid), {cfg['epochs']} epochs "
+                 f"({budgets}), {seeds} repeat(s), {res['device']}")
+        (out/f'{task}.md').write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n{table}\n\n{note}\n\n{READING}\n")
         plot_task(task, res, out)
-        print(f"\n{title}\n\n{table}")
-    print(f"\nTarget: the plain-fastai arm's final validation accuracy (same seed); times are training wall time, "
-          f"validation excluded. Total wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
+        print(f"\n{title}\n\n{table}\n\n{note}")
+    print(f"\n{READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
+
 
 # %% ../nbs/04_bench.ipynb #c038
 if __name__ == '__main__' and '__file__' in globals(): main(sys.argv[1:])

@@ -6,39 +6,73 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench_arms.html.md"""
 
 # %% ../nbs/12_bench_arms.ipynb #c003
 from __future__ import annotations
+from typing import Callable, NamedTuple
 from fastai.losses import CrossEntropyLossFlat
 from . import callback as _callback  # noqa: F401 (adds Learner.top_k, batch_loss_filter, selective_backprop)
+from .bench_data import budget_epochs
 from .bench_models import SoftmaxL2Loss, mlp, ResNet1d
 
 # %% auto #0
-__all__ = ['task_arms', 'task_model_and_loss']
+__all__ = ['Arm', 'budget_arms', 'task_methods', 'task_arms', 'task_model_and_loss']
+
+# %% ../nbs/12_bench_arms.ipynb #c025
+class Arm(NamedTuple):
+    "One arm of a benchmark task: what trains, with which batch size, for how many epochs of one-cycle"
+    name: str # Label in tables, plots and `results.json`
+    bs: int # Training batch size
+    epochs: int # Epochs of its one-cycle schedule
+    add_rule: Callable|None = None # Function adding a hard-mining rule to a `Learner` and returning it; None: plain fastai
+    method: str|None = None # The method this arm is a budget of (the frontier plot joins its budgets); None: `name`
+
+    @property
+    def plain(self) -> bool: return self.add_rule is None
+
+def budget_arms(arm:Arm, # A method at its full epochs
+                budgets:list[float], # Fractions of `arm.epochs`, in the order to list them
+               ) -> list[Arm]:
+    "`arm` at each budget (a budget of 1 keeps its name, others add their percentage); budgets giving the same epochs run once"
+    arms, seen = [], set()
+    for b in budgets:
+        e = budget_epochs(arm.epochs, b)
+        if e in seen: continue
+        seen.add(e)
+        arms.append(arm._replace(name=arm.name if b == 1 else f"{arm.name} {100 * b:g}%", epochs=e,
+                                 method=arm.method or arm.name))
+    return arms
 
 # %% ../nbs/12_bench_arms.ipynb #c026
 def _sb_name(kw:dict) -> str:
     extra = ''.join(f", {k}={v}" if not isinstance(v, bool) else f", {k}" for k, v in kw.items() if k != 'beta')
     return f"selective_backprop(beta={kw['beta']:g}{extra})"
 
+# functions of one value each, so that every arm's rule keeps its own value (a lambda in a loop would share the last one)
+def _top_k(k): return lambda learn: learn.top_k(k, mode='subset')
+def _selective(kw, seed): return lambda learn: learn.selective_backprop(mode='subset', seed=seed, **kw)
+
+def task_methods(task:str, # 'ohem', 'filter' or 'selective'
+                 cfg:dict, # The task's settings, from `bench_config`
+                 seed:int, # Seed of the rule's own randomness (Selective-Backprop's sampling)
+                ) -> list[Arm]:
+    "The task's methods at its full epochs, plain fastai first: one `Arm` each (add one here)"
+    e = cfg['epochs']
+    if task == 'ohem':
+        arms = [Arm(f"{n}:{k} (plain fastai)", n, e) if k >= n else Arm(f"{n}:{k}", n, e, _top_k(k)) for n, k in cfg['nk']]
+        return sorted(arms, key=lambda a: not a.plain)
+    plain, bs = Arm('plain fastai', cfg['bs'], e), cfg['bs']
+    if task == 'filter':
+        p = cfg['min_loss_perc']
+        return [plain, Arm(f"batch_loss_filter({p:g})", bs, e, lambda learn: learn.batch_loss_filter(p, mode='subset'))]
+    if task == 'selective': return [plain] + [Arm(_sb_name(kw), bs, e, _selective(kw, seed)) for kw in cfg['arms']]
+    raise ValueError(f"`task` must be 'ohem', 'filter' or 'selective', got {task!r}")
+
 def task_arms(task:str, # 'ohem', 'filter' or 'selective'
               cfg:dict, # The task's settings, from `bench_config`
               seed:int, # Seed of the rule's own randomness (Selective-Backprop's sampling)
-             ) -> list[tuple[str, int, object]]:
-    "The task's arms as `(name, batch size, function adding the rule or None)`, the plain arm first"
-    if task == 'ohem':
-        arms = []
-        for n, k in cfg['nk']:
-            rule = None if k >= n else (lambda k: lambda learn: learn.top_k(k, mode='subset'))(k)
-            arms.append((f"{n}:{k}" + (' (plain fastai)' if rule is None else ''), n, rule))
-        # the plain arm (n == k) first
-        return sorted(arms, key=lambda a: a[2] is not None)
-    arms = [('plain fastai', cfg['bs'], None)]
-    if task == 'filter':
-        arms.append((f"batch_loss_filter({cfg['min_loss_perc']:g})", cfg['bs'],
-                     lambda learn: learn.batch_loss_filter(cfg['min_loss_perc'], mode='subset')))
-    else:
-        for kw in cfg['arms']:
-            arms.append((_sb_name(kw), cfg['bs'], (lambda kw: lambda learn: learn.selective_backprop(
-                mode='subset', seed=seed, **kw))(kw)))
-    return arms
+             ) -> list[Arm]:
+    "The arms the task runs: plain fastai at its full and its shorter schedules first, then each rule at each budget"
+    methods = task_methods(task, cfg, seed)
+    plain = [b for a in methods if a.plain for b in budget_arms(a, [1.] + list(cfg['plain_budgets']))]
+    return plain + [b for a in methods if not a.plain for b in budget_arms(a, cfg['mining_budgets'])]
 
 def task_model_and_loss(task:str, # 'ohem', 'filter' or 'selective'
                         cfg:dict, # The task's settings, from `bench_config`

@@ -6,7 +6,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench_data.html.md"""
 
 # %% ../nbs/10_bench_data.ipynb #c003
 from __future__ import annotations
-import copy
+import copy, math
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 from .data import digits_data
 
 # %% auto #0
-__all__ = ['TASKS', 'mnist1d_data', 'bench_data', 'flip_labels', 'bench_config']
+__all__ = ['TASKS', 'mnist1d_data', 'bench_data', 'flip_labels', 'budget_epochs', 'bench_config']
 
 # %% ../nbs/10_bench_data.ipynb #c006
 def mnist1d_data(num_samples:int=10_000, # Samples generated in all; `train_split` (80%) of them train
@@ -68,20 +68,36 @@ def flip_labels(y:Tensor, # Integer class labels
 # %% ../nbs/10_bench_data.ipynb #c024
 TASKS = ('ohem', 'filter', 'selective')
 
+_BUDGETS = dict(plain_budgets=[.4, .55, .7, .85], mining_budgets=[1., .7])
 _DEFAULTS = dict(
     ohem=dict(data='mnist1d', num_samples=10_000, epochs=30, lr=3e-3, opt='adam', loss='l2', hidden=1024, act='sigmoid',
-              nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)]),
-    filter=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64, min_loss_perc=0.9),
+              nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)], **_BUDGETS),
+    filter=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64, min_loss_perc=0.9,
+                **_BUDGETS),
     selective=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64,
-                   noise=[0., .01, .1, .2],
-                   arms=[dict(beta=1), dict(beta=2), dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, fill_batch=True),
-                         dict(beta=3, fill_batch=True, staleness=1)]),
+                   noise=[0., .2],
+                   arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, fill_batch=True),
+                         dict(beta=3, fill_batch=True, staleness=1)], **_BUDGETS),
 )
 _QUICK = dict(
-    ohem=dict(num_samples=6_000, epochs=8),
-    filter=dict(num_samples=6_000, epochs=6),
-    selective=dict(num_samples=6_000, epochs=6, noise=[0., .2], arms=[dict(beta=1), dict(beta=3), dict(beta=3, staleness=1)]),
+    ohem=dict(num_samples=3_000, epochs=8),
+    filter=dict(num_samples=3_000, epochs=6),
+    selective=dict(num_samples=3_000, epochs=6, noise=[0., .2], arms=[dict(beta=1), dict(beta=3), dict(beta=3, staleness=1)]),
 )
+
+def budget_epochs(epochs:int, # The task's full epoch count
+                  budget:float, # Fraction of it
+                 ) -> int:
+    "Epochs of a budget: `epochs * budget` rounded half up, at least 1"
+    # rounded half up rather than Python's half-to-even, so that 10 * 0.55 gives 6 like 6 * 0.75 gives 5
+    return max(1, math.floor(epochs * budget + .5 + 1e-9))
+
+def _check_budgets(cfg:dict):
+    plain, mining = cfg['plain_budgets'], cfg['mining_budgets']
+    if any(not 0 < b < 1 for b in plain):
+        raise ValueError(f"`plain_budgets` must be fractions in (0, 1) (the full schedule always runs), got {plain!r}")
+    if not mining or any(not b > 0 for b in mining):
+        raise ValueError(f"`mining_budgets` must be one or more fractions > 0, got {mining!r}")
 
 def bench_config(task:str, # 'ohem', 'filter' or 'selective'
                  quick:bool=False, # The quick (smoke-test) settings
@@ -91,10 +107,9 @@ def bench_config(task:str, # 'ohem', 'filter' or 'selective'
     if task not in TASKS: raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
     cfg = copy.deepcopy(_DEFAULTS[task])
     if quick: cfg.update(copy.deepcopy(_QUICK[task]))
-    unknown = set(overrides) - set(cfg) - {'valid_per_epoch', 'mining_epochs'}
+    unknown = set(overrides) - set(cfg) - {'valid_per_epoch'}
     if unknown: raise ValueError(f"Unknown settings for task {task!r}: {sorted(unknown)}; known: {sorted(cfg)}")
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     cfg.setdefault('valid_per_epoch', 1)
-    # the mining arms may train longer than the plain one: time to target is what they are judged by
-    if cfg.get('mining_epochs') is None: cfg['mining_epochs'] = cfg['epochs']
+    _check_budgets(cfg)
     return cfg

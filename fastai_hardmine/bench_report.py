@@ -1,4 +1,4 @@
-"""A task's result as a markdown table and as plots: accuracy against training time, kept share, and for ohem the losses.
+"""A task's result as a markdown table and as plots: each arm against plain fastai's full and fastest schedule, the accuracy-vs-time frontier, kept share, and for ohem the losses.
 
 Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench_report.html.md"""
 
@@ -11,37 +11,80 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['format_task_table', 'plot_task']
+__all__ = ['READING', 'format_task_table', 'format_noise_note', 'plot_frontier', 'plot_task']
 
 # %% ../nbs/14_bench_report.ipynb #c032
 def _fmt_time(t) -> str: return t if isinstance(t, str) else f"{t:.2f}"
 def _fmt_speed(s) -> str: return s if isinstance(s, str) else f"{s:.2f}x"
 def _fmt_count(n:float) -> str: return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
 
+def _fmt_spread(m:dict, fmt) -> str:
+    "A median over repeats, with its [min–max] when there are several"
+    if m['n'] == 1 or m['min'] == 'never': return fmt(m['median'])
+    never = f", never in {m['n'] - m['reached']}" if m['reached'] < m['n'] else ''
+    return f"{fmt(m['median'])} [{fmt(m['min']).rstrip('x')}–{fmt(m['max'])}{never}]"
+
+def _short_plain(name:str|None, baseline:str) -> str:
+    if name is None: return 'none'
+    if name == baseline: return 'full'
+    return name[len(baseline):].strip() if name.startswith(baseline) else name
+
+def _is_selective(res:dict) -> bool: return any(g['noise'] for g in res['groups']) or len(res['groups']) > 1
+
 def format_task_table(res:dict, # A task's result, from `run_task`
                      ) -> str:
     "A task's summary as a markdown table, one row per arm (and noise level)"
-    selective = any(g['noise'] for g in res['groups']) or len(res['groups']) > 1
-    acc_head = 'error % (clean valid)' if selective else 'accuracy %'
-    head = (['noise'] if selective else []) + ['arm', acc_head, 'valid loss', 'train time (s)', 'time to target (s)',
-            'speed-up', 'time to 99% (s)', 'speed-up 99%', 'kept share (end)', 'scored / trained']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([' --- '] * (2 if selective else 1) + [' ---: '] * (len(head) - (2 if selective else 1))) + '|']
-    n = res['seeds']
+    selective = _is_selective(res)
+    kind = 'error' if selective else 'accuracy'
+    def pct(a:float) -> float: return 100 * (1 - a if selective else a)
+    head = (['noise'] if selective else []) + [
+        'arm', 'epochs', f'{kind} % (clean valid)' if selective else 'accuracy %', 'train time (s)',
+        f'compared at ({kind} %)', 'time to it (s)', 'vs full plain', 'vs fastest plain', 'fastest plain',
+        'steady vs fastest', 'kept share (end)', 'scored / trained']
+    n_left = 2 if selective else 1
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([' --- '] * n_left + [' ---: '] * (len(head) - n_left)) + '|']
     for g in res['groups']:
         for name, arm in g['arms'].items():
             s = arm['summary']
-            acc = s['final_error'] if selective else s['final_accuracy']
-            def never(tag):
-                t, k = s['time_to_target' + tag + '_s'], s['target' + tag + '_reached_seeds']
-                return _fmt_time(t) if t != 'never' or not k else f"never ({k}/{n} seeds)"
+            acc, eq = s['final_error'] if selective else s['final_accuracy'], s['equal_accuracy']
             row = ([f"{g['noise']:.0%}"] if selective else []) + [
-                name, f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}",
-                f"{s['final_valid_loss']['mean']:.4f} ± {s['final_valid_loss']['std']:.4f}",
-                f"{s['train_time_s']['mean']:.2f} ± {s['train_time_s']['std']:.2f}",
-                never(''), _fmt_speed(s['speed_up']), never('_99'), _fmt_speed(s['speed_up_99']),
+                name, str(arm['epochs']), f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}",
+                _fmt_spread(s['train_time'], _fmt_time), f"{pct(eq['level']):.2f}", _fmt_spread(eq['time_s'], _fmt_time),
+                _fmt_spread(eq['speed_up_vs_full_plain'], _fmt_speed), _fmt_spread(eq['speed_up_vs_fastest_plain'], _fmt_speed),
+                _short_plain(eq['fastest_plain'], res['baseline']),
+                _fmt_spread(eq['steady_speed_up_vs_fastest_plain'], _fmt_speed),
                 f"{s['kept_share']:.3f} ({s['kept_share_end']:.3f})",
                 f"{_fmt_count(s['samples']['scored'])} / {_fmt_count(s['samples']['trained'])}"]
             lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+READING = ("How to read: 'compared at' is the accuracy an arm is compared at, its final accuracy capped at the full plain "
+           "arm's (the target). 'vs full plain' and 'vs fastest plain' are plain fastai's training time to that accuracy "
+           "divided by the arm's, per repeat, as median [min–max] over the repeats; above 1 the arm got there sooner. The "
+           "fastest plain is the plain schedule (full or a shorter one-cycle) that got there first; 'steady' takes each "
+           "epoch's fastest duration over the repeats. Times are training wall time, validation excluded.")
+
+def format_noise_note(res:dict, # A task's result, from `run_task`
+                     ) -> str:
+    "How noisy the task's timings were: the full plain arm's training time over the repeats (and the noise levels)"
+    n, groups = res['seeds'], res['groups']
+    times = {g['label']: [r['train_time_s'] for r in g['arms'][res['baseline']]['runs']] for g in groups}
+    lines = []
+    if n > 1:
+        for label, ts in times.items():
+            med = statistics.median(ts)
+            where = f" at {label}" if len(groups) > 1 else ''
+            lines.append(f"Noise{where}: the full plain arm did the same work in each of {n} repeats and took "
+                         f"{med:.2f} s (median), {min(ts):.2f}–{max(ts):.2f} s: a spread of "
+                         f"{100 * (max(ts) - min(ts)) / med:.0f}% of the median. Ratios inside such a spread mean nothing.")
+    else:
+        lines.append("One repeat only: one quick repeat is noisy, and ratios within about ±30% of 1 mean nothing "
+                     "(the same run has taken 15.6 to 23.8 s on this project's 2-core machine). "
+                     "Run 3 or more repeats (`--seeds`, 3 by default without --quick) for medians with their spread.")
+        if len(groups) > 1:
+            ts = [t[0] for t in times.values()]
+            lines.append(f"Here the full plain arm did the same work at each noise level and took "
+                         f"{', '.join(f'{t:.2f}' for t in ts)} s.")
     return '\n'.join(lines)
 
 # %% ../nbs/14_bench_report.ipynb #c034
@@ -56,15 +99,51 @@ def _colors(names):
     cmap = colormaps['tab10']
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
+_PLAIN = 'plain fastai (one-cycle schedules)'
+
+def _method(arm:dict) -> str: return _PLAIN if arm['plain'] else arm['method']
+
+def plot_frontier(task:str, # The task's name, for the title and the file name
+                  res:dict, # The task's result, from `run_task`
+                  out:str|Path, # Folder the PNG is written to
+                 ) -> Path:
+    "Write `{task}_frontier.png`: each arm's final accuracy against its training time, one line per method through its budgets"
+    groups = res['groups']
+    methods = list(dict.fromkeys(_method(a) for a in groups[0]['arms'].values()))
+    colors = {**_colors(methods[1:]), _PLAIN: 'black'}
+    fig, axes = _figure(len(groups))
+    for ax, g in zip(axes, groups):
+        for m in methods:
+            # joined in epoch order: a line that doubles back in time shows the noise, it does not hide it
+            pts = sorted(((a['summary']['train_time'], 100 * a['summary']['final_accuracy']['mean'], a['epochs'])
+                          for a in g['arms'].values() if _method(a) == m), key=lambda p: p[2])
+            x = [t['median'] for t, *_ in pts]
+            xerr = [[t['median'] - t['min'] for t, *_ in pts], [t['max'] - t['median'] for t, *_ in pts]]
+            ax.errorbar(x, [y for _, y, _ in pts], xerr=xerr, color=colors[m], marker='o' if m == _PLAIN else '.',
+                        lw=2 if m == _PLAIN else 1, elinewidth=.8, capsize=2, label=m)
+            for xi, (_, y, e) in zip(x, pts):
+                ax.annotate(f"{e} ep", (xi, y), xytext=(3, 3), textcoords='offset points', fontsize=6, color=colors[m])
+        target = statistics.fmean(r['final_accuracy'] for r in g['arms'][res['baseline']]['runs'])
+        ax.axhline(100 * target, color='grey', ls='--', lw=1, label='target: full plain final accuracy')
+        ax.set(xlabel='training wall time (s): median over repeats, bars min–max', ylabel='final validation accuracy (%), mean',
+               title=f"{task} · {g['label']}: accuracy vs time, each method's budgets")
+        ax.legend(fontsize=7)
+    path = Path(out)/f'{task}_frontier.png'
+    fig.savefig(path, dpi=110)
+    return path
+
 def plot_task(task:str, # The task's name, for titles and file names
               res:dict, # The task's result, from `run_task`
               out:str|Path, # Folder the PNGs are written to
              ) -> list[Path]:
-    "Write the task's plots as PNGs into `out`: accuracy vs training time, kept share, and for ohem loss curves and histograms"
+    "Write the task's plots as PNGs into `out`: accuracy vs training time, the frontier, kept share, and for ohem loss curves and histograms"
     out, paths = Path(out), []
     groups = res['groups']
-    names = list(groups[0]['arms'])
-    colors = _colors(names)
+    arms0 = groups[0]['arms']
+    colors = _colors(list(dict.fromkeys(a['method'] for a in arms0.values())))
+    # the full budget of each method drawn solid, its other budgets dotted
+    full = {m: max(a['epochs'] for a in arms0.values() if a['method'] == m) for m in colors}
+    def style(arm): return dict(color=colors[arm['method']], ls='-' if arm['epochs'] == full[arm['method']] else ':')
     def save(fig, name):
         paths.append(out/name)
         fig.savefig(paths[-1], dpi=110)
@@ -75,7 +154,7 @@ def plot_task(task:str, # The task's name, for titles and file names
         for name, arm in g['arms'].items():
             for i, run in enumerate(arm['runs']):
                 c = run['curve']
-                ax.plot(c['train_time_s'], [100 * a for a in c['valid_accuracy']], marker='.', color=colors[name],
+                ax.plot(c['train_time_s'], [100 * a for a in c['valid_accuracy']], marker='.', **style(arm),
                         alpha=1 if i == 0 else .4, label=name if i == 0 else None)
                 if name == res['baseline']: targets.append(run['final_accuracy'])
         ax.axhline(100 * statistics.fmean(targets), color='grey', ls='--', lw=1, label='plain fastai final accuracy')
@@ -83,24 +162,27 @@ def plot_task(task:str, # The task's name, for titles and file names
                title=f"{task} · {g['label']}")
         lo = min(100 * a for arm in g['arms'].values() for r in arm['runs'] for a in r['curve']['valid_accuracy'][len(r['curve']['valid_accuracy']) // 3:])
         ax.set_ylim(max(0, lo - 2), None)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     save(fig, f'{task}_accuracy_vs_time.png')
+    paths.append(plot_frontier(task, res, out))
 
     fig, axes = _figure(len(groups))
     for ax, g in zip(axes, groups):
         for name, arm in g['arms'].items():
+            # plain fastai keeps every sample, at every schedule: one line says it
+            if arm['plain'] and name != res['baseline']: continue
             c = arm['runs'][0]['kept_share_curve']
-            ax.plot(c['epoch'], c['value'], color=colors[name], label=name)
-        ax.set(xlabel='epoch', ylabel='kept share of each batch (seed 0)', ylim=(0, 1.05), title=f"{task} · {g['label']}")
+            ax.plot(c['epoch'], c['value'], label=name, **style(arm))
+        ax.set(xlabel='epoch', ylabel='kept share of each batch (first repeat)', ylim=(0, 1.05), title=f"{task} · {g['label']}")
         ax.legend(fontsize=7)
     save(fig, f'{task}_kept_share.png')
 
     if task == 'ohem':
         fig, (ax,) = _figure(1)
-        for name, arm in groups[0]['arms'].items():
+        for name, arm in arms0.items():
             c = arm['runs'][0]['train_loss_curve']
-            ax.plot(c['epoch'], c['value'], color=colors[name], label=name)
-        ax.set(xlabel='epoch (steps binned)', ylabel='training loss of the whole batch (seed 0)', yscale='log', title='ohem · training loss')
+            ax.plot(c['epoch'], c['value'], label=name, **style(arm))
+        ax.set(xlabel='epoch (steps binned)', ylabel='training loss of the whole batch (first repeat)', yscale='log', title='ohem · training loss')
         ax.legend(fontsize=7)
         save(fig, 'ohem_train_loss.png')
         hist = res.get('loss_histogram', {})
@@ -109,7 +191,7 @@ def plot_task(task:str, # The task's name, for titles and file names
             for ax, (name, h) in zip(axes, hist.items()):
                 e = np.asarray(h['edges'])
                 ax.stairs(h['forwarded'], e, fill=True, alpha=.4, color='grey', label=f"forwarded ({h['n']})")
-                ax.stairs(h['kept'], e, fill=True, alpha=.8, color=colors[name], label=f"kept, top {h['k']}")
+                ax.stairs(h['kept'], e, fill=True, alpha=.8, color=colors[arms0[name]['method']], label=f"kept, top {h['k']}")
                 ax.set(xlabel='per-sample loss', ylabel='samples', title=f'{name}: one batch at the end of training')
                 ax.legend(fontsize=7)
             save(fig, 'ohem_loss_histogram.png')

@@ -1,4 +1,4 @@
-"""Running a benchmark task: every arm from the same start, timed without validation, and each arm's time to the plain arm's accuracy.
+"""Running a benchmark task: every arm from the same start, interleaved repeats timed without validation, and each arm against plain fastai's full and fastest schedule at equal accuracy.
 
 Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench_run.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/bench_run.html.md"""
 
 # %% ../nbs/13_bench_run.ipynb #c003
 from __future__ import annotations
-import copy, math, statistics, time
+import copy, itertools, math, statistics, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -22,10 +22,12 @@ from .core import per_sample_loss, select_top_k, buffers_restored
 from . import callback as _callback  # noqa: F401 (adds Learner.hard_miner and the rules' Learner methods)
 from .data import tensor_dls
 from .bench_data import bench_data, flip_labels
-from .bench_arms import task_arms, task_model_and_loss
+from .bench_arms import task_arms, task_methods, task_model_and_loss
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'BenchRecorder', 'time_to_accuracy', 'speed_up', 'train_arm', 'loss_histogram', 'run_task']
+__all__ = ['OPTIMIZERS', 'BenchRecorder', 'time_to_accuracy', 'speed_up', 'fastest_plain', 'equal_accuracy', 'rotated',
+           'median_spread', 'min_epoch_durations', 'steady_times', 'Progress', 'train_arm', 'loss_histogram', 'warm_up',
+           'plan_task', 'run_task']
 
 # %% ../nbs/13_bench_run.ipynb #c016
 def _sync(device):
@@ -131,6 +133,94 @@ def speed_up(base:float|str, # The plain arm's time to target
     if arm == 'never' or base == 'never': return 'never'
     return base / arm if arm > 0 else math.inf
 
+# %% ../nbs/13_bench_run.ipynb #c111
+def fastest_plain(plain_curves:dict, # Plain arm name -> (training times, validation accuracies) of its curve
+                  level:float, # Accuracy to reach
+                 ) -> tuple[str|None, float|str]:
+    "The plain arm whose curve first reaches `level`, and its time to it; `(None, 'never')` if none does"
+    times = [(t, name) for name, c in plain_curves.items() if (t := time_to_accuracy(*c, level)) != 'never']
+    if not times: return None, 'never'
+    t, name = min(times)
+    return name, t
+
+def equal_accuracy(times:list[float], # Training time of each validation point of the arm
+                   accuracies:list[float], # Validation accuracy at each point
+                   target:float, # The full plain arm's final accuracy (same repeat)
+                   plain_curves:dict, # Plain arm name -> (times, accuracies), the full plain arm among them
+                   full_plain:str, # Name of the full plain arm in `plain_curves`
+                  ) -> dict:
+    "The arm against plain fastai at equal accuracy: the level, each side's time to it, the speed-ups"
+    level = min(accuracies[-1], target)
+    t = time_to_accuracy(times, accuracies, level)
+    full = time_to_accuracy(*plain_curves[full_plain], level)
+    name, fastest = fastest_plain(plain_curves, level)
+    return dict(level=level, time_s=t, full_plain_time_s=full, fastest_plain=name, fastest_plain_time_s=fastest,
+                speed_up_vs_full_plain=speed_up(full, t), speed_up_vs_fastest_plain=speed_up(fastest, t))
+
+# %% ../nbs/13_bench_run.ipynb #c117
+def rotated(items:list, # Arms in their listed order
+            repeat:int, # This repeat, from 0
+            repeats:int, # Number of repeats
+           ) -> list:
+    "`items` rotated left by `repeat` equal steps of `len(items) / repeats`: every repeat starts elsewhere in the list"
+    k = repeat % repeats * len(items) // repeats if items else 0
+    return items[k:] + items[:k]
+
+def median_spread(values:list, # One value per repeat; 'never' where a repeat has none
+                 ) -> dict:
+    "Median, min and max over the repeats; the median is 'never' unless every repeat has a value"
+    nums = [v for v in values if not isinstance(v, str)]
+    if not nums: return dict(median='never', min='never', max='never', n=len(values), reached=0)
+    # a median over the repeats that reached it would flatter an arm that sometimes never does
+    med = statistics.median(nums) if len(nums) == len(values) else 'never'
+    return dict(median=med, min=min(nums), max=max(nums), n=len(values), reached=len(nums))
+
+def min_epoch_durations(runs:list[dict], # The repeats of one arm (same epochs), from `train_arm`
+                       ) -> list[float]:
+    "Each epoch's fastest training time over the repeats"
+    return [min(ts) for ts in zip(*(r['epoch_train_s'] for r in runs))]
+
+def steady_times(epochs_at:list[float], # Epochs done at each validation point (1.5: halfway through the second)
+                 epoch_s:list[float], # Duration of each epoch, e.g. `min_epoch_durations`
+                ) -> list[float]:
+    "Training time at each validation point if every epoch took `epoch_s`"
+    done = [0.] + list(itertools.accumulate(epoch_s))
+    out = []
+    for e in epochs_at:
+        k = min(int(e + 1e-9), len(epoch_s))
+        out.append(done[k] + (e - k) * epoch_s[k] if k < len(epoch_s) and e - k > 1e-9 else done[k])
+    return out
+
+# %% ../nbs/13_bench_run.ipynb #c124
+def _duration(s:float) -> str: return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
+
+class Progress:
+    "One line per finished run: how many of all are done, how long it took, and about how long the rest will take"
+    def __init__(self,
+                 planned:list[tuple[str, float]], # (task, estimated seconds) of every run, in running order
+                 log=print, # Where the lines go
+                ):
+        self.planned, self.log, self.took = list(planned), log, []
+
+    def _scale(self, task:str|None=None) -> float|None:
+        done = [(e, s) for (t, e), s in zip(self.planned, self.took) if task is None or t == task]
+        est = sum(e for e, _ in done)
+        return sum(s for _, s in done) / est if est > 0 else None
+
+    def seconds_left(self) -> float:
+        "Estimates of the runs to come, each scaled by took/estimated of its task's finished runs (unscaled if none yet)"
+        # another task's scale says little: a tiny MLP's runs are mostly fixed costs that its warm-up rate leaves out
+        scales = {t: self._scale(t) or 1. for t, _ in self.planned}
+        return sum(e * scales[t] for t, e in self.planned[len(self.took):])
+
+    def done(self, label:str, # What ran
+             seconds:float, # How long it took
+            ):
+        "Record a finished run and print its line"
+        self.took.append(seconds)
+        left = f"about {_duration(self.seconds_left())} left" if len(self.took) < len(self.planned) else 'done'
+        self.log(f"[{len(self.took)}/{len(self.planned)}] {label}: {seconds:.1f} s, {left}")
+
 # %% ../nbs/13_bench_run.ipynb #c021
 def _binned(pos:list[float], values:list[float], max_points:int=100) -> dict:
     "Mean of `values` (and of their positions) over at most `max_points` consecutive bins"
@@ -210,80 +300,158 @@ def loss_histogram(model:nn.Module, # A trained model
 def _mean_std(xs:list[float]) -> dict:
     return dict(mean=statistics.fmean(xs), std=statistics.stdev(xs) if len(xs) > 1 else 0.)
 
+_RATIOS = ('speed_up_vs_full_plain', 'speed_up_vs_fastest_plain')
+
 def _summary(runs:list[dict]) -> dict:
-    "An arm's figures over seeds"
+    "An arm's figures over the repeats"
     def reached(key): return [r[key] for r in runs if r[key] != 'never']
     s = dict(final_accuracy=_mean_std([r['final_accuracy'] for r in runs]),
              final_error=_mean_std([1 - r['final_accuracy'] for r in runs]),
              final_valid_loss=_mean_std([r['final_valid_loss'] for r in runs]),
              train_time_s=_mean_std([r['train_time_s'] for r in runs]),
+             train_time=median_spread([r['train_time_s'] for r in runs]),
              kept_share=statistics.fmean(r['kept_share'] for r in runs),
              kept_share_end=statistics.fmean(r['kept_share_end'] for r in runs),
              samples={k: statistics.fmean(r['samples'][k] for r in runs) for k in ('seen', 'scored', 'trained')})
     for tag in ('', '_99'):
         t = reached('time_to_target' + tag + '_s')
         s['target' + tag + '_reached_seeds'] = len(t)
-        # a mean over the seeds that reached it would flatter an arm that sometimes never does
         s['time_to_target' + tag + '_s'] = statistics.fmean(t) if len(t) == len(runs) else 'never'
         base = [r['base_time_to_target' + tag + '_s'] for r in runs]
         s['speed_up' + tag] = (statistics.fmean(base) / s['time_to_target' + tag + '_s']
                                if len(t) == len(runs) else 'never')
+    eq, steady = [r['equal_accuracy'] for r in runs], [r['steady'] for r in runs]
+    s['equal_accuracy'] = dict(level=statistics.fmean(e['level'] for e in eq),
+                               time_s=median_spread([e['time_s'] for e in eq]),
+                               fastest_plain=statistics.mode(e['fastest_plain'] for e in eq),
+                               **{k: median_spread([e[k] for e in eq]) for k in _RATIOS},
+                               **{'steady_' + k: median_spread([e[k] for e in steady]) for k in _RATIOS})
     return s
+
+def _curve(run:dict) -> tuple[list, list]: return run['curve']['train_time_s'], run['curve']['valid_accuracy']
+
+def _compare_repeat(arms:dict, baseline:str, plain:list[str], r:int=-1):
+    "Each arm's times to the targets and its equal-accuracy comparison with the plain arms, in repeat `r`"
+    base = arms[baseline]['runs'][r]
+    plain_curves = {n: _curve(arms[n]['runs'][r]) for n in plain}
+    for arm in arms.values():
+        run = arm['runs'][r]
+        for tag, share in (('', 1.), ('_99', .99)):
+            run['target' + tag] = target = base['final_accuracy'] * share
+            run['time_to_target' + tag + '_s'] = time_to_accuracy(*_curve(run), target)
+            run['base_time_to_target' + tag + '_s'] = time_to_accuracy(*_curve(base), target)
+            run['speed_up' + tag] = speed_up(run['base_time_to_target' + tag + '_s'], run['time_to_target' + tag + '_s'])
+        run['equal_accuracy'] = equal_accuracy(*_curve(run), base['final_accuracy'], plain_curves, baseline)
+
+def _compare_steady(arms:dict, baseline:str, plain:list[str]):
+    "The equal-accuracy comparison of every repeat again, with each arm's steady times over all repeats"
+    fastest = {n: min_epoch_durations(a['runs']) for n, a in arms.items()}
+    for r in range(len(arms[baseline]['runs'])):
+        curves = {n: (steady_times(a['runs'][r]['curve']['epoch'], fastest[n]), a['runs'][r]['curve']['valid_accuracy'])
+                  for n, a in arms.items()}
+        target = arms[baseline]['runs'][r]['final_accuracy']
+        for n, a in arms.items():
+            a['runs'][r]['steady'] = equal_accuracy(*curves[n], target, {p: curves[p] for p in plain}, baseline)
+
+def _schedule(task:str, cfg:dict, seeds:int, same_seed:bool):
+    "Each repeat's groups in running order, with that repeat's seed and arms in their rotated order"
+    for r in range(seeds):
+        seed = 0 if same_seed else r
+        arms = rotated(task_arms(task, cfg, seed), r, seeds)
+        for gi in range(len(cfg['noise']) if task == 'selective' else 1): yield r, seed, gi, arms
+
+def _group_label(task:str, cfg:dict, noise:float) -> str: return f"noise {noise:.0%}" if task == 'selective' else cfg['data']
+
+def warm_up(task:str, # 'ohem', 'filter' or 'selective'
+            cfg:dict, # Settings, from `bench_config`
+            data:tuple, # `x_train, y_train, x_valid, y_valid`
+            make_model, # Function returning a new model
+            loss_func, # The task's loss function
+            device=None, # Training device
+           ) -> dict[str, float]:
+    "Train each method three short epochs (untimed for the results); seconds per training sample of its fastest later epoch"
+    methods = task_methods(task, cfg, 0)
+    # four batches an epoch, so that per-epoch costs weigh little; the first epoch pays the first calls
+    n = min(4 * max(a.bs for a in methods), len(data[0]))
+    x, y, xv, yv = data
+    init = make_model().state_dict()
+    rates = {}
+    for a in methods:
+        rec, _ = train_arm((x[:n], y[:n], xv[:n], yv[:n]), make_model, init, loss_func, a.bs, 3, cfg['lr'], 0,
+                           a.add_rule, device, show_bar=False, opt=cfg['opt'])
+        # the fastest epoch: a moment of load on the machine would otherwise set the estimate of a whole run
+        rates[a.name] = min(rec['epoch_train_s'][1:]) / n
+    return rates
+
+def _plan(task:str, cfg:dict, seeds:int, same_seed:bool, rates:dict, n_train:int, n_valid:int) -> list[tuple[str, float]]:
+    # a validation forward costs about a third of a training step per sample
+    samples = n_train + cfg['valid_per_epoch'] * n_valid / 3
+    return [(task, rates[a.method] * samples * a.epochs) for *_, arms in _schedule(task, cfg, seeds, same_seed) for a in arms]
+
+def _load(task:str, cfg:dict, cache_dir):
+    data = bench_data(cfg['data'], cfg['num_samples'], cache_dir)
+    return data, *task_model_and_loss(task, cfg, data[0].shape[1])
+
+def plan_task(task:str, # 'ohem', 'filter' or 'selective'
+              cfg:dict, # Settings, from `bench_config`
+              seeds:int=1, # Number of repeats
+              device=None, # Training device; default: cuda if available, else cpu
+              cache_dir:str|Path|None=None, # Folder of the data cache
+              same_seed:bool=False, # Every repeat with seed 0
+             ) -> list[tuple[str, float]]:
+    "`(task, estimated seconds)` of every run `run_task` will make, in its order, from a warm-up of each method"
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    data, make_model, loss_func = _load(task, cfg, cache_dir)
+    return _plan(task, cfg, seeds, same_seed, warm_up(task, cfg, data, make_model, loss_func, device), len(data[0]),
+                 len(data[2]))
 
 def run_task(task:str, # 'ohem', 'filter' or 'selective'
              cfg:dict, # Settings, from `bench_config`
-             seeds:int=1, # Number of seeds (0, 1, ...)
+             seeds:int=1, # Number of repeats; repeat r uses seed r (or 0, with `same_seed`)
              device=None, # Training device; default: cuda if available, else cpu
              cache_dir:str|Path|None=None, # Folder of the data cache
              show_bar:bool=True, # Show fastai's progress bars
              log=print, # Where progress lines go
+             same_seed:bool=False, # Every repeat with seed 0: repeats differ by timing noise only
+             progress:Progress|None=None, # Progress of a larger plan that includes this task (`plan_task`); None: this task's own
             ) -> dict:
-    "Run every arm of `task` for each seed; the settings, per-arm runs and summaries, and the histograms (ohem)"
+    "Run every arm of `task` in each repeat; the settings, per-arm runs and summaries, and the histograms (ohem)"
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    x, y, xv, yv = bench_data(cfg['data'], cfg['num_samples'], cache_dir)
-    make_model, loss_func = task_model_and_loss(task, cfg, x.shape[1])
-    noises = cfg['noise'] if task == 'selective' else [0.]
-    groups = [dict(label=f"noise {n:.0%}" if task == 'selective' else cfg['data'], noise=n, arms={}) for n in noises]
-    arm_names = [a[0] for a in task_arms(task, cfg, 0)]
-    for g in groups: g['arms'] = {name: dict(runs=[]) for name in arm_names}
+    (x, y, xv, yv), make_model, loss_func = _load(task, cfg, cache_dir)
+    arms = task_arms(task, cfg, 0)
+    baseline, plain = arms[0].name, [a.name for a in arms if a.plain]
+    groups = [dict(label=_group_label(task, cfg, n), noise=n, arms={
+                  a.name: dict(method=a.method, epochs=a.epochs, bs=a.bs, plain=a.plain, runs=[]) for a in arms})
+              for n in (cfg['noise'] if task == 'selective' else [0.])]
+    rates = warm_up(task, cfg, (x, y, xv, yv), make_model, loss_func, device)
+    if progress is None: progress = Progress(_plan(task, cfg, seeds, same_seed, rates, len(x), len(xv)), log)
     hist = {}
-    # warm-up: one short untimed epoch per arm, so that the first timed arm pays no first-call costs
-    warm = max(a[1] for a in task_arms(task, cfg, 0)) * 2
-    init = make_model().state_dict()
-    for name, bs, rule in task_arms(task, cfg, 0):
-        train_arm((x[:warm], y[:warm], xv[:warm], yv[:warm]), make_model, init, loss_func, bs, 1, cfg['lr'], 0,
-                  rule, device, show_bar=False, opt=cfg['opt'])
-    for seed in range(seeds):
-        for g in groups:
-            yt = flip_labels(y, g['noise'], seed=seed) if g['noise'] else y
-            set_seed(seed)
-            init = copy.deepcopy(make_model().state_dict())
-            arms = task_arms(task, cfg, seed)
-            # rotate the running order with the seed so drift of the machine hits every arm alike
-            r = seed % len(arms)
-            for name, bs, rule in arms[r:] + arms[:r]:
-                log(f"\n{task} · {g['label']} · seed {seed} · {name}")
-                epochs = cfg['epochs'] if rule is None else cfg['mining_epochs']
-                rec, learn = train_arm((x, yt, xv, yv), make_model, init, loss_func, bs, epochs, cfg['lr'], seed,
-                                       rule, device, cfg['valid_per_epoch'], show_bar, cfg['opt'])
-                rec['seed'], rec['epochs'] = seed, epochs
-                g['arms'][name]['runs'].append(rec)
-                if task == 'ohem' and rule is not None and seed == 0:
-                    k = learn.hard_miner.k
-                    hist[name] = loss_histogram(learn.model, loss_func, x[:bs].to(device), yt[:bs].to(device), k)
-            base = g['arms'][arm_names[0]]['runs'][-1]
-            for name in arm_names:
-                run = g['arms'][name]['runs'][-1]
-                c = run['curve']
-                for tag, share in (('', 1.), ('_99', .99)):
-                    run['target' + tag] = target = base['final_accuracy'] * share
-                    run['time_to_target' + tag + '_s'] = time_to_accuracy(c['train_time_s'], c['valid_accuracy'], target)
-                    run['base_time_to_target' + tag + '_s'] = time_to_accuracy(
-                        base['curve']['train_time_s'], base['curve']['valid_accuracy'], target)
-                    run['speed_up' + tag] = speed_up(run['base_time_to_target' + tag + '_s'], run['time_to_target' + tag + '_s'])
+    for r, seed, gi, order in _schedule(task, cfg, seeds, same_seed):
+        g = groups[gi]
+        yt = flip_labels(y, g['noise'], seed=seed) if g['noise'] else y
+        set_seed(seed)
+        init = copy.deepcopy(make_model().state_dict())
+        for arm in order:
+            label = f"{task} · {g['label']} · seed {seed} · {arm.name}" if task == 'selective' else f"{task} · seed {seed} · {arm.name}"
+            if show_bar: log(f"\n{label}")
+            start = time.perf_counter()
+            rec, learn = train_arm((x, yt, xv, yv), make_model, init, loss_func, arm.bs, arm.epochs, cfg['lr'], seed,
+                                   arm.add_rule, device, cfg['valid_per_epoch'], show_bar, cfg['opt'])
+            rec['seed'], rec['repeat'], rec['epochs'] = seed, r, arm.epochs
+            g['arms'][arm.name]['runs'].append(rec)
+            if task == 'ohem' and not arm.plain and r == 0:
+                hist[arm.name] = loss_histogram(learn.model, loss_func, x[:arm.bs].to(device), yt[:arm.bs].to(device),
+                                                learn.hard_miner.k)
+            progress.done(label, time.perf_counter() - start)
+        _compare_repeat(g['arms'], baseline, plain)
     for g in groups:
+        _compare_steady(g['arms'], baseline, plain)
         for arm in g['arms'].values(): arm['summary'] = _summary(arm['runs'])
-    res = dict(config=cfg, device=str(device), seeds=seeds, n_train=len(x), n_valid=len(xv),
-               baseline=arm_names[0], groups=groups)
-    if hist: res['loss_histogram'] = hist
+    res = dict(config=cfg, device=str(device), seeds=seeds, same_seed=same_seed, n_train=len(x), n_valid=len(xv),
+               baseline=baseline, plain_arms=plain, groups=groups)
+    # one histogram per rule, at its longest budget, in the arms' listed order (whichever order repeat 0 ran them in)
+    longest = {}
+    for a in arms:
+        if a.name in hist and (a.method not in longest or a.epochs > longest[a.method].epochs): longest[a.method] = a
+    if hist: res['loss_histogram'] = {a.name: hist[a.name] for a in longest.values()}
     return res
