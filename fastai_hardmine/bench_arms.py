@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 from fastai.losses import CrossEntropyLossFlat
 from . import callback as _callback  # noqa: F401 (adds Learner.top_k, batch_loss_filter, selective_backprop)
+from . import prune as _prune  # noqa: F401 (adds Learner.info_batch)
 from .bench_data import budget_epochs
 from .bench_models import SoftmaxL2Loss, mlp, ResNet1d
 
@@ -59,10 +60,13 @@ def task_methods(task:str, # 'ohem', 'filter' or 'selective'
         arms = [Arm(f"{n}:{k} (plain fastai)", n, e) if k >= n else Arm(f"{n}:{k}", n, e, _top_k(k)) for n, k in cfg['nk']]
         return sorted(arms, key=lambda a: not a.plain)
     plain, bs = Arm('plain fastai', cfg['bs'], e), cfg['bs']
+    # epoch-level pruning (InfoBatch) on the same task, when the settings give it a prune ratio (0: none)
+    r = cfg.get('info_batch')
+    pruning = [] if not r else [Arm(f"info_batch({r:g})", bs, e, lambda learn: learn.info_batch(r, seed=seed))]
     if task == 'filter':
         p = cfg['min_loss_perc']
-        return [plain, Arm(f"batch_loss_filter({p:g})", bs, e, lambda learn: learn.batch_loss_filter(p, mode='subset'))]
-    if task == 'selective': return [plain] + [Arm(_sb_name(kw), bs, e, _selective(kw, seed)) for kw in cfg['arms']]
+        return [plain, Arm(f"batch_loss_filter({p:g})", bs, e, lambda learn: learn.batch_loss_filter(p, mode='subset'))] + pruning
+    if task == 'selective': return [plain] + [Arm(_sb_name(kw), bs, e, _selective(kw, seed)) for kw in cfg['arms']] + pruning
     raise ValueError(f"`task` must be 'ohem', 'filter' or 'selective', got {task!r}")
 
 def task_arms(task:str, # 'ohem', 'filter' or 'selective'

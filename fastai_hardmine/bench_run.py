@@ -264,6 +264,11 @@ def train_arm(data:tuple, # `x_train, y_train, x_valid, y_valid`
         scored, trained, seen = int(miner.scored.sum()), int(miner.trained.sum()), int(miner.batch_sizes.sum())
         mean_kept = miner.mean_kept_share()
     else: kept_share, scored, trained, seen, mean_kept = [1.] * n_batches, 0, n_seen, n_seen, 1.
+    pruner = getattr(learn, 'info_batch_pruner', None)
+    if pruner is not None:
+        # epoch-level pruning: every batch trains whole, the epochs are shorter
+        trained = int(pruner.kept.sum())
+        mean_kept = trained / max(seen, 1)
     # the kept share of the last epoch, weighted by batch size, is the "kept share at the end"
     last = [i for i, p in enumerate(rec.step_pos) if p > epochs - 1]
     if miner is not None and last: end_share = float(miner.kept[last].sum() / miner.batch_sizes[last].sum().clamp_min(1))

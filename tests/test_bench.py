@@ -25,7 +25,7 @@ def tiny_configs():
         filter=bench_config('filter', num_samples=N_SAMPLES, epochs=EPOCHS, channels=8, bs=64, plain_budgets=[.5],
                             mining_budgets=[1.5, 1]),
         selective=bench_config('selective', num_samples=N_SAMPLES, epochs=EPOCHS, channels=8, bs=64, noise=[0., .2],
-                               arms=SB_ARMS, valid_per_epoch=2, plain_budgets=[.5], mining_budgets=[1]))
+                               arms=SB_ARMS, valid_per_epoch=2, plain_budgets=[.5], mining_budgets=[1], info_batch=0))
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
@@ -51,7 +51,8 @@ def expected_arms(task):
         return [('64:64 (plain fastai)', 2), ('64:64 (plain fastai) 50%', 1), ('128:64', 2), ('128:64 50%', 1),
                 ('64:48', 2), ('64:48 50%', 1), ('128:16', 2), ('128:16 50%', 1)]
     if task == 'filter':
-        return [('plain fastai', 2), ('plain fastai 50%', 1), ('batch_loss_filter(0.9) 150%', 3), ('batch_loss_filter(0.9)', 2)]
+        return [('plain fastai', 2), ('plain fastai 50%', 1), ('batch_loss_filter(0.9) 150%', 3), ('batch_loss_filter(0.9)', 2),
+                ('info_batch(0.5) 150%', 3), ('info_batch(0.5)', 2)]
     return [('plain fastai', 2), ('plain fastai 50%', 1), ('selective_backprop(beta=1)', 2),
             ('selective_backprop(beta=3, staleness=1)', 2), ('selective_backprop(beta=2, fill_batch, staleness=1)', 2)]
 
@@ -139,6 +140,12 @@ def test_kept_shares_and_sample_counts(results, task):
             assert run['kept_share'] == 1 and run['kept_share_end'] == 1 and set(run['kept_share_curve']['value']) == {1.}
             assert s == dict(seen=seen, scored=0, trained=seen)
             continue
+        if name.startswith('info_batch'):
+            # epoch-level pruning: no scoring forward; the first and the last epoch train every sample, the others fewer
+            assert s['scored'] == 0 and N_TRAIN * 2 <= s['trained'] <= seen and run['kept_share'] == s['trained'] / seen
+            # 3 epochs: the middle one prunes (2 epochs are the first and the final phase, both full)
+            assert (s['trained'] < seen) == (run['epochs'] >= 3)
+            continue
         assert 0 < run['kept_share'] < 1 and 0 < run['kept_share_end'] <= 1
         assert all(0 < v <= 1 for v in run['kept_share_curve']['value'])
         # every kept sample is trained once, fill_batch or not
@@ -212,8 +219,8 @@ def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     assert '█' not in printed and 'train_loss' not in printed
     res = json.loads((out/'results.json').read_text())
     assert list(res['tasks']) == list(TASKS) and res['meta']['quick'] and res['meta']['seeds'] == 1
-    # one progress line per run: ohem 2 plain + 3 rules, filter 2 + 1, selective 2 noise levels x (2 + 3)
-    n_runs = 5 + 3 + 10
+    # one progress line per run: ohem 2 plain + 3 rules, filter 2 + the filter + InfoBatch, selective 2 noise levels x (2 + 3)
+    n_runs = 5 + 4 + 10
     progress = [l for l in printed.splitlines() if l.startswith('[')]
     assert len(progress) == n_runs and progress[0].startswith(f'[1/{n_runs}] ohem · seed 0 · 512:512 (plain fastai): ')
     assert all(' left' in l for l in progress[:-1]) and progress[-1].endswith(', done')
@@ -258,8 +265,9 @@ def test_shorter_schedules_and_budgets():
     assert [(a.name, a.epochs, a.plain) for a in arms] == [
         ('plain fastai', 12, True), ('plain fastai 40%', 5, True), ('plain fastai 55%', 7, True),
         ('plain fastai 70%', 8, True), ('plain fastai 85%', 10, True),
-        ('batch_loss_filter(0.9)', 12, False), ('batch_loss_filter(0.9) 70%', 8, False)]
-    assert {a.bs for a in arms} == {128} and {a.method for a in arms} == {'plain fastai', 'batch_loss_filter(0.9)'}
+        ('batch_loss_filter(0.9)', 12, False), ('batch_loss_filter(0.9) 70%', 8, False),
+        ('info_batch(0.5)', 12, False), ('info_batch(0.5) 70%', 8, False)]
+    assert {a.bs for a in arms} == {128} and {a.method for a in arms} == {'plain fastai', 'batch_loss_filter(0.9)', 'info_batch(0.5)'}
     # 4 epochs: 40% -> 2, 55% -> 2 (runs once), 70% -> 3, 85% -> 3 (runs once)
     assert [(a.name, a.epochs) for a in budget_arms(Arm('p', 32, 4), [1, .4, .55, .7, .85])] == [
         ('p', 4), ('p 40%', 2), ('p 70%', 3)]
