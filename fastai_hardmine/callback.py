@@ -88,7 +88,20 @@ class HardMiningCallback(Callback):
             raise ValueError(f"`score_scale` resizes the scoring forward's inputs; mode={mode!r} runs no scoring forward: "
                              f"use mode='subset' or score_scale=1")
         if mode == 'subset': self.order = self.subset_order
-        self.active, self._fit_pending, self._deferred, self._batch_loss = False, False, False, None
+        self.active, self._fit_pending, self._deferred = False, False, False
+        # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
+        self.fill_batch, self.staleness = False, 0
+        self._min_rows = 1
+        self._new_run_state()
+
+    # what a fit sets up or records: left out of a pickle (`learn.export()`) and made afresh when it is loaded
+    _run_state = ('records', 'queue', 'store', 'batch_indices', '_batch_loss', '_accumulation', '_stateful', '_rows',
+                  '_reached', '_pred_transforms', '_trained_ids', '_mixed_precision')
+
+    def _new_run_state(self):
+        self.records, self.queue, self._batch_loss = MiningRecords(), FillQueue(), None
+        # the per-sample store and the batches' dataset indices, made when a fit that needs them starts
+        self.store, self.batch_indices = None, None
         self._mixed_precision = None  # the fit's `MixedPrecision`, whose autocast scoring runs in
         # makes `GradientAccumulation` count and weigh loader samples (set up when a fit starts)
         self._accumulation = LoaderSampleAccumulation()
@@ -97,12 +110,6 @@ class HardMiningCallback(Callback):
         self._stateful, self._rows, self._reached = [], RecurrentRows([]), {}
         # the callbacks whose `after_pred` rewrites the prediction (`RNNCallback`, ...): replayed on the scoring output
         self._pred_transforms = []
-        # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
-        self.fill_batch, self.staleness = False, 0
-        self.records, self.queue = MiningRecords(), FillQueue()
-        # the per-sample store and the batches' dataset indices, made when a fit that needs them starts
-        self.store, self.batch_indices = None, None
-        self._min_rows = 1
         # dataset indices of the samples fastai's forward trains on in this batch, when the store is in use
         self._trained_ids = None
 
@@ -120,14 +127,13 @@ class HardMiningCallback(Callback):
             raise
 
     def __getstate__(self):
-        # `learn.export()` pickles the Learner with its callbacks: keep the settings, drop what a fit records
-        # (records, per-sample store, queue), which a new fit starts afresh anyway
-        state = self.__dict__.copy()
-        state.update(records=MiningRecords(), queue=FillQueue(), store=None, batch_indices=None, _batch_loss=None,
-                     # what a fit sets up from the Learner it starts with (recurrent states, accumulation counts)
-                     _accumulation=LoaderSampleAccumulation(), _stateful=[], _rows=RecurrentRows([]), _reached={}, _pred_transforms=[], _trained_ids=None,
-                     _mixed_precision=None)
-        return state
+        # `learn.export()` pickles the Learner with its callbacks: keep the settings, drop what a fit records or sets
+        # up from the Learner it starts with (records, per-sample store, queue, recurrent states, accumulation counts)
+        return {k: v for k, v in self.__dict__.items() if k not in self._run_state}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._new_run_state()
 
     @property
     def name(self):
@@ -453,7 +459,6 @@ class SelectiveBackpropCallback(HardMiningCallback):
             raise ValueError("`buckets`: with fill_batch=True every step trains a full batch of the loader's size, one "
                              "shape already: leave `buckets` at None")
         self.history = LossHistory(history_size)
-        self.generator = None
 
     def reset(self):
         super().reset()
@@ -463,8 +468,14 @@ class SelectiveBackpropCallback(HardMiningCallback):
         # the loss history and the generator are run state too: a fit resets the history, and the generator is
         # made again from `seed` when next needed
         state = super().__getstate__()
-        state.update(history=LossHistory(self.history.size), generator=None)
+        state['history'] = LossHistory(self.history.size)
         return state
+
+    _run_state = HardMiningCallback._run_state + ('generator',)
+
+    def _new_run_state(self):
+        super()._new_run_state()
+        self.generator = None
 
     def _generator(self, device) -> torch.Generator:
         if self.generator is None or self.generator.device != device:
