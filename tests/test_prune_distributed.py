@@ -19,9 +19,9 @@ def test_ddp_processes_prune_their_shards_and_step_together(tmp_path):
         kept = r['kept'].tolist()
         assert kept[0] == kept[4] == kept[5] == r['n'] and all(k < r['n'] for k in kept[1:4]), kept
         assert len(r['local']) == 4  # one agreement per epoch that may prune (0-3), on both processes
-    # the processes pruned different samples and, left alone, would have run different numbers of batches ...
+    # the processes pruned different samples (left alone, their batch counts may differ: they did in some runs and
+    # not in others, so that is not asserted) ...
     assert r0['kept'].tolist() != r1['kept'].tolist()
-    assert r0['local'] != r1['local']
-    # ... yet ran the same number in every epoch, stepped together and ended with the same weights
+    # ... yet ran the same number of batches in every epoch, stepped together and ended with the same weights
     assert r0['batches'] == r1['batches']
     for k in r0['weights']: torch.testing.assert_close(r0['weights'][k], r1['weights'][k], msg=k)
