@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
-from .core import (check_unit_interval, check_top_k, check_beta, batch_size, select_loss_fraction, select_top_k,
+from .core import (check_unit_interval, check_top_k, check_beta, check_count, batch_size, select_loss_fraction, select_top_k,
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch, bucket_count,
                                   add_highest_dropped, zero_top_losses)
 from .schedule import SelectionWindow
@@ -449,8 +449,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
         mode = self.mode
         self.beta, self.seed = check_beta(beta), seed
         if not isinstance(fill_batch, bool): raise ValueError(f"`fill_batch` must be True or False, got {fill_batch!r}")
-        if isinstance(staleness, bool) or not isinstance(staleness, Integral) or staleness < 0:
-            raise ValueError(f"`staleness` must be an int >= 0 (epochs a scored loss stays usable), got {staleness!r}")
+        staleness = check_count('staleness', staleness)
         if mode != 'subset' and (fill_batch or staleness):
             raise ValueError(f"`fill_batch` and `staleness` need mode='subset' (they change which samples the step trains "
                              f"on and skip scoring forwards), got mode={mode!r}")

@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_unit_interval', 'check_top_k', 'check_beta', 'batch_size', 'per_sample_loss', 'select_loss_fraction',
-           'top_k_count', 'select_top_k', 'selective_backprop_probs', 'select_selective_backprop', 'LossHistory',
-           'bucket_count', 'add_highest_dropped', 'zero_top_losses', 'subset_batch', 'concat_batches',
-           'buffers_restored']
+__all__ = ['check_unit_interval', 'check_top_k', 'check_count', 'check_beta', 'batch_size', 'per_sample_loss',
+           'select_loss_fraction', 'top_k_count', 'select_top_k', 'selective_backprop_probs',
+           'select_selective_backprop', 'LossHistory', 'bucket_count', 'add_highest_dropped', 'zero_top_losses',
+           'subset_batch', 'concat_batches', 'buffers_restored']
 
 # %% ../nbs/00_core.ipynb #c006
 def check_unit_interval(name:str, value, low_open:bool=False) -> float:
@@ -36,6 +36,12 @@ def check_top_k(k):
     raise ValueError(f"`k` must be a positive int (samples per batch) or a float in (0, 1] (share of the batch), got {k!r}")
 
 # %% ../nbs/00_core.ipynb #c008
+def check_count(name:str, value) -> int:
+    "Return `value` as an int if it is an int >= 0, else raise `ValueError`"
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+    return int(value)
+
 def check_beta(beta) -> float:
     "Return `beta` as a float if it is a number >= 0, else raise `ValueError`"
     if isinstance(beta, bool) or not isinstance(beta, Real) or not beta >= 0:

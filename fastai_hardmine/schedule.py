@@ -7,18 +7,12 @@ Docs: https://fastai-hardmine.github.io/fastai_hardmine/schedule.html.md"""
 # %% ../nbs/17_schedule.ipynb #c003
 from __future__ import annotations
 import math
-from numbers import Integral
-from .core import check_unit_interval
+from .core import check_unit_interval, check_count
 
 # %% auto #0
 __all__ = ['SelectionWindow']
 
 # %% ../nbs/17_schedule.ipynb #c005
-def _check_count(name:str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
-    return int(value)
-
 class SelectionWindow:
     "Whether a rule selects on a batch: inside [`start`, `end`) of training, after `warmup` epochs, except every `interrupt`-th batch of the fit"
     def __init__(self,
@@ -31,7 +25,7 @@ class SelectionWindow:
         if self.start >= self.end:
             raise ValueError(f"`start` must be below `end` (the window of training in which the rule selects), "
                              f"got start={start!r}, end={end!r}")
-        self.warmup, self.interrupt = _check_count('warmup', warmup), _check_count('interrupt', interrupt)
+        self.warmup, self.interrupt = check_count('warmup', warmup), check_count('interrupt', interrupt)
         if self.interrupt == 1: raise ValueError("`interrupt` must be 0 (off) or >= 2: 1 would train every batch plain")
 
     def __repr__(self):
