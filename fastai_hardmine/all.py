@@ -9,9 +9,11 @@ __all__ = []
 
 # %% ../nbs/99_all.ipynb #c003
 from fastai.learner import Learner
-from . import core as _core, callback as _callback
+from . import core as _core, callback as _callback, prune as _prune, diagnostics as _diagnostics, data as _data
 from .core import *
 from .callback import *
+from .prune import *
+from .diagnostics import *
+from .data import *
 # nbdev writes an empty `__all__` for a module that defines nothing: list what the star-imports bring
-__all__ = ['Learner'] + _core.__all__ + _callback.__all__
-from .prune import *; from fastai_hardmine.prune import __all__ as _prune_all; __all__ += _prune_all
+__all__ = ['Learner'] + _core.__all__ + _callback.__all__ + _prune.__all__ + _diagnostics.__all__ + _data.__all__

@@ -76,7 +76,7 @@ _DEFAULTS = dict(
                 info_batch=0.5, **_BUDGETS),
     selective=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64,
                    noise=[0., .2],
-                   arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, ignore_top=0.1),
+                   arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, ignore_top=0),
                          dict(beta=3, fill_batch=True, staleness=1)], info_batch=0.5, **_BUDGETS),
 )
 _QUICK = dict(

@@ -31,6 +31,7 @@ from .store import SampleStore
 from .batch_indices import BatchIndices
 from .fill_queue import FillQueue, all_processes_agree
 from .records import MiningRecords, kept_loss_share
+from .columns import ReportsEpochColumns
 
 # %% auto #0
 __all__ = ['MODES', 'DEFAULT_BUCKETS', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback',
@@ -51,7 +52,7 @@ def _check_buckets(buckets) -> int|None:
 def _model_device(model) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
-class HardMiningCallback(Callback):
+class HardMiningCallback(ReportsEpochColumns, Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
     # mask mode: before every callback that changes the `loss_grad` this callback sets (`RNNRegularizer` adds
     # to it, `GradientAccumulation` rescales it, user callbacks at the default order 0 may do either)
@@ -73,6 +74,9 @@ class HardMiningCallback(Callback):
                  buckets:int|None=None, # Subset mode: round kept counts up to multiples of `bs / buckets`; None: 8 where counts vary, 0: exact
                  ignore_top:float=0., # Share of each batch's highest losses never selected (suspected mislabeled samples), in [0, 1)
                  score_scale:float=1., # Subset mode, image inputs: score a copy resized by this factor, in (0, 1]
+                 log_kept:bool=True, # Add a `kept` column to fastai's progress table: the share of the epoch's samples kept
+                 log_kept_loss:bool=False, # Add a `kept_loss` column: the mean share of each batch's loss carried by the kept samples
+                 track_samples:bool=False, # Count, per training sample, how often it was scored, kept and trained (`learn.hardest_indices`)
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
@@ -87,6 +91,9 @@ class HardMiningCallback(Callback):
         if self.score_scale < 1 and mode != 'subset':
             raise ValueError(f"`score_scale` resizes the scoring forward's inputs; mode={mode!r} runs no scoring forward: "
                              f"use mode='subset' or score_scale=1")
+        for name, v in (('log_kept', log_kept), ('log_kept_loss', log_kept_loss), ('track_samples', track_samples)):
+            if not isinstance(v, bool): raise ValueError(f"`{name}` must be True or False, got {v!r}")
+        self.log_kept, self.log_kept_loss, self.track_samples = log_kept, log_kept_loss, track_samples
         if mode == 'subset': self.order = self.subset_order
         self.active, self._fit_pending, self._deferred = False, False, False
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
@@ -96,7 +103,7 @@ class HardMiningCallback(Callback):
 
     # what a fit sets up or records: left out of a pickle (`learn.export()`) and made afresh when it is loaded
     _run_state = ('records', 'queue', 'store', 'batch_indices', '_batch_loss', '_accumulation', '_stateful', '_rows',
-                  '_reached', '_pred_transforms', '_trained_ids', '_mixed_precision')
+                  '_reached', '_pred_transforms', '_trained_ids', '_mixed_precision', '_scoring_pred')
 
     def _new_run_state(self):
         self.records, self.queue, self._batch_loss = MiningRecords(), FillQueue(), None
@@ -112,6 +119,8 @@ class HardMiningCallback(Callback):
         self._pred_transforms = []
         # dataset indices of the samples fastai's forward trains on in this batch, when the store is in use
         self._trained_ids = None
+        # the last scoring forward's prediction: what fastai's train metrics read for a batch `fill_batch` defers
+        self._scoring_pred = None
 
     def bucket_sizes(self) -> int:
         "The `buckets` in effect: 0 where the kept count needs no rounding (mask mode, `fill_batch`, a fixed count)"
@@ -150,7 +159,16 @@ class HardMiningCallback(Callback):
 
     def store_users(self) -> list[str]:
         "The options in use that need the per-sample store (and so each batch's dataset indices)"
-        return ['`staleness`'] if self.staleness else []
+        return [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(self, o)]
+
+    def column_names(self) -> list[str]:
+        "The columns this callback adds to fastai's progress table (see `EpochColumns`)"
+        return ['kept'] * self.log_kept + ['kept_loss'] * self.log_kept_loss
+
+    def epoch_values(self) -> list[float]:
+        "The epoch's kept share of the samples and (with `log_kept_loss`) of the loss, NaN where it selected nothing"
+        return ([self.records.epoch_kept_share()] * self.log_kept +
+                [self.records.epoch_kept_loss_share()] * self.log_kept_loss)
 
     def reset(self):
         "Forget what earlier fits recorded (called when a fit starts training)"
@@ -245,7 +263,7 @@ class HardMiningCallback(Callback):
         yb = self.yb if yb is None else yb
         def losses_of(pred):
             # what `RNNCallback.after_pred` (and any callback that says it rewrites `pred`) does to the training output
-            pred = scoring.replay_after_pred(self.learn, self._pred_transforms, pred)
+            pred = self._scoring_pred = scoring.replay_after_pred(self.learn, self._pred_transforms, pred)
             return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
         self._reached = {}
         with self._autocast() or nullcontext():
@@ -286,17 +304,27 @@ class HardMiningCallback(Callback):
             if batch is None:
                 # nothing to train yet: skip fastai's forward, backward and step, but log the batch's loss
                 self.records.add(len(losses), len(idx), n_scored, 0, kept_loss_share(losses, idx))
+                self.records.add_losses(losses, idx)
                 self.learn.loss = self._batch_loss
+                self._deferred_pred(scored)
                 self._deferred = True
                 raise CancelBatchException()
             xb, yb, self._trained_ids = batch
             if ids is not None: self.store.count(self._trained_ids, trained=True)
         else: self._trained_ids = kept_ids
         self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
+        self.records.add_losses(losses, idx)
         if xb is not self.xb:
             self.learn.xb, self.learn.yb = xb, yb
             # a recurrent model's kept rows start from their own state, and every row carries on after (`after_pred`)
             if self._rows.modules: self._rows.train(idx, len(losses))
+
+    def _deferred_pred(self, scored:Tensor|None):
+        "What fastai's train metrics read for a deferred batch, which runs no training forward"
+        # the scoring forward's prediction when it saw the whole batch; with stored losses there is none, and empty
+        # targets make fastai's `Recorder` skip the batch (train loss and metrics), as it skips any batch with no targets
+        if scored is None or len(scored) == batch_size(self.yb): self.learn.pred = self._scoring_pred
+        else: self.learn.yb = ()
 
     def after_pred(self): self._rows.carry_on(self._reached)
 
@@ -349,6 +377,7 @@ class HardMiningCallback(Callback):
         idx = self._select(detached)
         self.learn.loss_grad = losses[idx].mean()
         self.records.add(len(losses), len(idx), 0, len(losses), kept_loss_share(detached, idx))
+        self.records.add_losses(detached, idx)
 
     def selects(self) -> bool:
         "Whether the rule selects on this training batch (see `SelectionWindow`): else the batch trains plain"
@@ -444,8 +473,9 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  seed:int|None=None, # Seed of the callback's own random generator; default: drawn from torch's global RNG
                  fill_batch:bool=False, # Queue kept samples across batches and train full batches of the loader's size ('subset' mode)
                  staleness:int=0, # Reuse a sample's loss scored up to this many epochs ago instead of scoring it again ('subset' mode)
+                 ignore_top:float=0.1, # Share of each batch's highest losses never selected (the noise guard; 0: off), in [0, 1)
                  **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(ignore_top=ignore_top, **kwargs)
         mode = self.mode
         self.beta, self.seed = check_beta(beta), seed
         if not isinstance(fill_batch, bool): raise ValueError(f"`fill_batch` must be True or False, got {fill_batch!r}")

@@ -23,6 +23,7 @@ from .scoring import sample_losses
 from .store import SampleStore, NEVER
 from .batch_indices import BatchIndices
 from .callback import HardMiningCallback
+from .columns import ReportsEpochColumns
 
 # %% auto #0
 __all__ = ['check_prune_ratio', 'full_data_epochs', 'below_mean', 'pruned_count', 'prune_epoch', 'loader_batches',
@@ -101,7 +102,7 @@ class _EpochOrder:
 def _model_device(model) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
-class InfoBatchCallback(Callback):
+class InfoBatchCallback(ReportsEpochColumns, Callback):
     "Each epoch, skip a random share of the samples whose last loss is below the mean, weighing up the others (InfoBatch)"
     # after the loss, before every callback that changes the `loss_grad` this callback sets (`RNNRegularizer` adds
     # to it, `GradientAccumulation` rescales it, user callbacks at the default order 0 may do either); its
@@ -113,12 +114,15 @@ class InfoBatchCallback(Callback):
                  final_phase:float=0.125, # Share of the epochs, at the end, trained on all samples with no weights, in [0, 1]
                  seed:int|None=None, # Seed of the callback's own random generator; default: drawn from torch's global RNG
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
+                 log_kept:bool=True, # Add a `kept` column to fastai's progress table: the share of the training set the epoch trained on
                 ):
         self.prune_ratio = check_prune_ratio(prune_ratio)
         self.final_phase = check_unit_interval('final_phase', final_phase)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
             raise ValueError(f"`seed` must be an int or None, got {seed!r}")
         self.seed, self.per_sample_loss_func = seed, per_sample_loss_func
+        if not isinstance(log_kept, bool): raise ValueError(f"`log_kept` must be True or False, got {log_kept!r}")
+        self.log_kept, self._recorded = log_kept, False
         self.active, self._fit_pending, self._weighted, self._min_rows = False, False, False, 1
         # what a fit sets up: the per-sample store, the random generator, the epoch's batch indices and loss weights
         self.store, self.generator, self.batch_indices, self.weights = None, None, None, None
@@ -146,9 +150,15 @@ class InfoBatchCallback(Callback):
         # `get_preds` and `validate` send `before_fit` too: only a fit's first training epoch sets up
         self._fit_pending = True
 
+    def column_names(self) -> list[str]: return ['kept'] if self.log_kept else []
+
+    def epoch_values(self) -> list[float]:
+        "The share of the training set this epoch trained on (NaN when it did not prune: `lr_find`)"
+        return [self.epoch_kept[-1] / max(1, self.epoch_sizes[-1]) if self._recorded else float('nan')]
+
     def before_train(self):
         if self._fit_pending: self._start_fit()
-        self._weighted = False
+        self._weighted, self._recorded = False, False
         if not self.active: return
         self.learn.dl = self._epoch_loader(self.dls.train)
         self.batch_indices = BatchIndices(self.learn.dl)
@@ -215,6 +225,7 @@ class InfoBatchCallback(Callback):
 
     def _record(self, dl:DataLoader, kept:int, size:int) -> DataLoader:
         self.epoch_kept.append(kept); self.epoch_sizes.append(size)
+        self._recorded = True
         return dl
 
     def after_loss(self):
@@ -251,7 +262,8 @@ def info_batch(self:Learner,
                final_phase:float=0.125, # Share of the epochs, at the end, trained on all samples with no weights, in [0, 1]
                seed:int|None=None, # Seed of the callback's own random generator
                per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample
+               log_kept:bool=True, # Add a `kept` column to fastai's progress table
               ) -> Learner:
     "Skip a share `prune_ratio` of the below-mean-loss samples each epoch, weighing up the others (InfoBatch)"
     self.remove_cbs([cb for cb in self.cbs if isinstance(cb, InfoBatchCallback)])
-    return self.add_cb(InfoBatchCallback(prune_ratio, final_phase, seed, per_sample_loss_func))
+    return self.add_cb(InfoBatchCallback(prune_ratio, final_phase, seed, per_sample_loss_func, log_kept))

@@ -22,13 +22,22 @@ def kept_loss_share(losses:Tensor, # Per-sample losses of the batch, detached
 
 class MiningRecords:
     "Per training batch since the fit started: its size, the samples kept, scored and trained, and the kept share of its loss"
-    def __init__(self): self.reset()
+    def __init__(self,
+                 max_losses:int=10_000, # Per-sample losses kept per epoch for the loss histograms (evenly spaced over the epoch); 0: none
+                ):
+        self.max_losses = max_losses
+        self.reset()
 
     def reset(self):
         "Forget every batch"
         self._sizes, self._kept, self._scored, self._trained = [], [], [], []
         # one stacked tensor per finished epoch, and the current epoch's shares one by one (all on the device)
         self._epoch_shares, self._shares = [], []
+        # batches recorded when each epoch ended
+        self.epoch_ends = []
+        # this epoch's `(per-sample losses, kept indices)` pairs, on the device until the epoch ends
+        self._batch_losses = []
+        self.epoch_losses = []
 
     def __len__(self): return len(self._sizes)
 
@@ -43,10 +52,46 @@ class MiningRecords:
         self._sizes.append(size); self._kept.append(kept); self._scored.append(scored); self._trained.append(trained)
         self._shares.append(loss_share)
 
+    def add_losses(self,
+                   losses:Tensor, # The batch's per-sample losses the rule selected from, detached
+                   idx:Tensor, # Indices of the samples it kept
+                  ):
+        "Keep a scored batch's losses for the epoch's loss histograms (references only: nothing is copied or synced)"
+        if self.max_losses: self._batch_losses.append((losses, idx))
+
     def end_epoch(self):
-        "Stack the epoch's loss shares into one tensor on their device (no host sync)"
+        "Close the epoch: its loss shares stacked on their device, its losses (at most `max_losses`) moved to the CPU once"
         if self._shares: self._epoch_shares.append(torch.stack(self._shares))
         self._shares = []
+        self.epoch_ends.append(len(self._sizes))
+        self.epoch_losses.append(self._gather_losses())
+        self._batch_losses = []
+
+    def _gather_losses(self) -> tuple[Tensor, Tensor]:
+        "The epoch's recorded losses and whether each was kept, evenly thinned to `max_losses`, on the CPU"
+        if not self._batch_losses: return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+        losses = torch.cat([l.float() for l, _ in self._batch_losses])
+        kept = torch.zeros(len(losses), dtype=torch.bool, device=losses.device)
+        starts = [0]
+        for l, _ in self._batch_losses[:-1]: starts.append(starts[-1] + len(l))
+        kept[torch.cat([i + s for (_, i), s in zip(self._batch_losses, starts)])] = True
+        if len(losses) > self.max_losses:
+            pick = torch.linspace(0, len(losses) - 1, self.max_losses, device=losses.device).round().long()
+            losses, kept = losses[pick], kept[pick]
+        return losses.cpu(), kept.cpu()
+
+    def epoch_kept_share(self, epoch:int=-1) -> float:
+        "Share of the samples of `epoch`'s recorded training batches that were kept (NaN for an epoch with none)"
+        ends = [0] + self.epoch_ends
+        start, end = ends[:-1][epoch], ends[1:][epoch]
+        n = sum(self._sizes[start:end])
+        return sum(self._kept[start:end]) / n if n else float('nan')
+
+    def epoch_kept_loss_share(self, epoch:int=-1) -> float:
+        "Mean kept share of the loss over `epoch`'s recorded training batches (one host sync; NaN for an epoch with none)"
+        ends = [0] + self.epoch_ends
+        start, end = ends[:-1][epoch], ends[1:][epoch]
+        return self.kept_loss_share[start:end].mean().item() if end > start else float('nan')
 
     @property
     def batch_sizes(self) -> Tensor:
