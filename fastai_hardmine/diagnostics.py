@@ -152,7 +152,7 @@ def plot_pruned(self:Learner, **kwargs) -> plt.Figure:
 
 # %% ../nbs/19_diagnostics.ipynb #c034
 def _store(learn:Learner, what:str):
-    miner = learn.hard_miner
+    miner = next((c for c in learn.cbs if isinstance(c, HardMiningCallback)), None)
     if miner is None or not getattr(miner, 'track_samples', False) or miner.store is None:
         raise ValueError(f"`learn.{what}` needs the per-sample counts of a miner added with track_samples=True, e.g. "
                          f"`learn.batch_loss_filter(track_samples=True)`, and a fit since")

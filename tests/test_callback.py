@@ -115,7 +115,9 @@ class Recording:
 
 class RecTopK(Recording, TopKCallback): pass
 class RecLossFilter(Recording, BatchLossFilterCallback): pass
-class RecSB(Recording, SelectiveBackpropCallback): pass
+class RecSB(Recording, SelectiveBackpropCallback):
+    # the rule alone, against its reference: the noise guard (on by default) is tested in test_schedule.py
+    def __init__(self, *args, ignore_top=0, **kwargs): super().__init__(*args, ignore_top=ignore_top, **kwargs)
 
 class FirstBatchProbe(Callback):
     "Grabs the first training batch, its losses and gradients just before the step, then ends the fit (no step)"
@@ -221,7 +223,7 @@ def test_batch_loss_filter_end_to_end(min_loss_perc, min_sample_perc):
 
 def test_selective_backprop_end_to_end():
     cap = CaptureLosses()
-    learn = make_learner(cbs=[SelectiveBackpropCallback(beta=3, seed=1), cap])
+    learn = make_learner(cbs=[SelectiveBackpropCallback(beta=3, seed=1, ignore_top=0), cap])
     learn.fit(3, 1e-2)
     cb = learn.hard_miner
     assert learn.recorder.values[-1][-1] > 0.7
@@ -239,7 +241,7 @@ def test_selective_backprop_end_to_end():
 def test_selective_backprop_history_size_and_default_seed():
     "history_size bounds the percentile window; seed=None draws its seed from torch's (seeded) global RNG"
     cap = CaptureLosses()
-    learn = make_learner(cbs=[SelectiveBackpropCallback(beta=2, history_size=50, seed=3), cap])
+    learn = make_learner(cbs=[SelectiveBackpropCallback(beta=2, history_size=50, seed=3, ignore_top=0), cap])
     learn.fit(1, 1e-2)
     expected = sb_reference_draws(cap.losses, beta=2, seed=3, history_size=50)
     assert learn.hard_miner.kept.tolist() == [len(i) for i in expected]
@@ -390,7 +392,10 @@ def test_validation_after_fit_is_over_full_valid_set(name):
     learn = make_learner(cbs=CALLBACKS[name]())
     learn.fit(2, 1e-2)
     assert learn.hard_miner.mean_kept_share() < 1
-    recorded = learn.recorder.values[-1]  # train_loss, valid_loss, accuracy
+    recorded = learn.recorder.values[-1]  # train_loss, kept, valid_loss, accuracy
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'kept', 'valid_loss', 'accuracy', 'time']
+    n = len(learn.dls.train)
+    assert recorded[1] == pytest.approx(learn.hard_miner.kept[-n:].sum().item() / learn.hard_miner.batch_sizes[-n:].sum().item())
     xt, yt, xv, yv = digits()
     with torch.no_grad():
         out = learn.model.eval()(xv)
@@ -398,7 +403,7 @@ def test_validation_after_fit_is_over_full_valid_set(name):
     valid_loss, acc = learn.validate()
     close(valid_loss, ref_loss, eps=1e-5)
     close(acc, ref_acc, eps=1e-6)
-    close(recorded[1:], [ref_loss, ref_acc], eps=1e-5)
+    close(recorded[2:], [ref_loss, ref_acc], eps=1e-5)
     assert ref_acc > 0.7
 
 @pytest.mark.parametrize('name', list(CALLBACKS))
@@ -502,7 +507,9 @@ def test_keep_all_equals_plain_fastai(name, model_name):
     if model_name == 'mlp_bn': assert 'running_mean' in ''.join(got)
     assert_same_state(got, plain_state)
     assert learn.model.training == plain_mode
-    assert [list(map(float, v)) for v in learn.recorder.values] == plain_values
+    # the same table as plain fastai's, and a `kept` column of 1s
+    values = [list(map(float, v)) for v in learn.recorder.values]
+    assert [v[:1] + v[2:] for v in values] == plain_values and [v[1] for v in values] == [1., 1.]
 
 def test_keep_all_with_gradient_accumulation_equals_plain():
     "The callback runs before `GradientAccumulation`, which rescales the `loss_grad` it sets"
@@ -618,7 +625,8 @@ def test_nan_in_validation_does_not_raise():
     xv[10, 3] = float('nan')
     learn = make_learner(cbs=TopKCallback(0.5), data=(xt, yt, xv, yv))
     learn.fit(1, 1e-2)
-    assert math.isnan(learn.recorder.values[-1][1]) and len(learn.hard_miner.kept) == len(learn.dls.train)
+    valid_loss = learn.recorder.values[-1][learn.recorder.metric_names.index('valid_loss') - 1]
+    assert math.isnan(valid_loss) and len(learn.hard_miner.kept) == len(learn.dls.train)
 
 # ---------------------------------------------------------------------------------------------------------------
 # 9. losses that cannot give a per-sample loss

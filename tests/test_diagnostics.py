@@ -169,3 +169,83 @@ def test_show_hardest_tabular_rows_and_text(reviews):
     with pytest.warns(UserWarning, match='show_results'): table = learn.show_hardest(3)
     assert len(table) == 3 and (table['scored'] == 1).all() and set(table['prediction']) <= {0, 1}
     assert table['target'].tolist() == [int(dls.train_ds[i][1]) for i in table['index']]
+
+# ---------------------------------------------------------------------------------------------------------------
+# the plots' data (the pictures themselves are on the diagnostics page, nbs/19_diagnostics.ipynb)
+
+@pytest.fixture(scope='module')
+def filtered():
+    "The loss filter with per-sample counts, 8 epochs of one-cycle on the digits"
+    miner = BatchLossFilterCallback(track_samples=True)
+    learn = digits_learner(miner)
+    learn.fit_one_cycle(8, 1e-2)
+    return learn, miner
+
+def test_plot_kept_draws_each_batch_a_smoothed_line_and_epoch_boundaries(filtered):
+    learn, miner = filtered
+    fig = learn.plot_kept(beta=.5)
+    ax = fig.axes[0]
+    share = miner.kept_share
+    assert ax.lines[0].get_ydata().tolist() == pytest.approx(share.tolist())
+    ref, avg = [], 0.   # a debiased moving average, written out
+    for i, v in enumerate(share.tolist()):
+        avg = .5 * avg + .5 * v
+        ref.append(avg / (1 - .5 ** (i + 1)))
+    assert ax.lines[1].get_ydata() == pytest.approx(ref)
+    per_epoch = len(learn.dls.train)
+    assert [l.get_xdata()[0] for l in ax.lines[2:]] == [per_epoch * e - .5 for e in range(1, 8)]
+    plt.close(fig)
+
+def test_plot_loss_histograms_counts_all_and_kept_losses(filtered):
+    learn, miner = filtered
+    fig = learn.plot_loss_histograms(epochs=[1, -1], bins=10)
+    losses, kept = miner.records.epoch_losses[1]
+    assert len(losses) == len(learn.dls.train_ds) and kept.sum() == miner.kept[len(learn.dls.train):2 * len(learn.dls.train)].sum()
+    edges = torch.linspace(0, float(losses.max()), 11)
+    def counts(x): return torch.histogram(x, bins=edges).hist.tolist()
+    assert [p.get_height() for p in fig.axes[0].patches] == counts(losses)
+    assert [p.get_height() for p in fig.axes[1].patches] == counts(losses[kept])
+    assert len(fig.axes) == 4 and fig.axes[2].get_title().startswith('epoch 7:')
+    with pytest.raises(ValueError, match='0 to 7'): learn.plot_loss_histograms(epochs=[8])
+    plt.close('all')
+
+def test_hardest_indices_sort_by_times_kept_then_last_loss(filtered):
+    learn, miner = filtered
+    store = miner.store
+    ref = sorted(range(len(store)), key=lambda i: (store.times_kept[i].item(), store.loss[i].item()), reverse=True)[:20]
+    assert learn.hardest_indices(20).tolist() == ref
+    assert learn.hardest_table(3)['kept'].tolist() == store.times_kept[torch.tensor(ref[:3])].tolist()
+    assert set(store.times_scored.tolist()) == {8}   # every sample scored once an epoch (no staleness)
+    with pytest.raises(ValueError, match='`n`'): learn.hardest_indices(0)
+    with pytest.raises(ValueError, match='needs a InfoBatchCallback'): learn.plot_pruned()
+    with pytest.raises(ValueError, match='SelectiveBackpropCallback'): learn.plot_selection_probability()
+
+def test_plot_selection_probability_draws_the_curve_and_the_realised_rate():
+    miner = SelectiveBackpropCallback(beta=2, seed=0)
+    learn = digits_learner(miner)
+    learn.fit_one_cycle(3, 1e-2)
+    fig = learn.plot_selection_probability(epochs=[0], bins=4)
+    ax = fig.axes[0]
+    assert ax.lines[0].get_ydata() == pytest.approx((np.linspace(0, 1, 101) ** 2).tolist())
+    losses, kept = miner.records.epoch_losses[0]
+    # a slow reference: rank each loss, bin by rank, count the kept
+    order = sorted(range(len(losses)), key=lambda i: losses[i].item())
+    rank = {i: r for r, i in enumerate(order)}
+    ref = []
+    for b in range(4):
+        members = [i for i in range(len(losses)) if min(int((rank[i] + .5) / len(losses) * 4), 3) == b]
+        ref.append(sum(bool(kept[i]) for i in members) / len(members))
+    assert ax.lines[1].get_ydata() == pytest.approx(ref)
+    assert ax.lines[1].get_xdata() == pytest.approx([.125, .375, .625, .875])
+    plt.close(fig)
+
+def test_plot_pruned_draws_each_epochs_pruned_share():
+    pruner = InfoBatchCallback(0.5, seed=0)
+    learn = digits_learner(pruner)
+    learn.fit_one_cycle(8, 1e-2)
+    fig = learn.plot_pruned()
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == pytest.approx(pruner.pruned_share.tolist())
+    # no losses yet in the first epoch, and the final full-data phase (1/8 of the epochs) prunes nothing
+    assert heights[0] == heights[-1] == 0 and all(h > .1 for h in heights[1:-1])
+    plt.close(fig)

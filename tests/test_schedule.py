@@ -113,6 +113,19 @@ def test_ignore_top_never_selects_the_highest_losses(mode):
         n_top = int(0.25 * len(losses))
         assert torch.equal(cb.idx.sort().values, order[n_top:n_top + 16].sort().values)
 
+def test_selective_backprop_guards_against_noise_by_default():
+    "Selective-Backprop's default ignore_top=0.1 (measured: benchmarks/noise_guard.py): the top 6 of 64 losses never kept"
+    capture = CaptureLosses()
+    class RecSB(Recording, SelectiveBackpropCallback): pass
+    cb = RecSB(beta=1, seed=0, mode='mask')
+    assert cb.ignore_top == 0.1 and make_learner().selective_backprop().hard_miner.ignore_top == 0.1
+    assert BatchLossFilterCallback().ignore_top == TopKCallback(4).ignore_top == 0
+    learn = make_learner(cbs=[cb, capture])
+    learn.fit(1, 1e-2)
+    losses = capture.losses[-1]
+    top = losses.topk(int(0.1 * len(losses))).indices
+    assert len(cb.idx) > 0 and not set(top.tolist()) & set(cb.idx.tolist())
+
 def test_buckets_round_kept_counts_up():
     "Default buckets: every kept count of a full batch of 64 is a multiple of 8; buckets=0 keeps the exact counts"
     learn = make_learner(cbs=BatchLossFilterCallback(0.6))
