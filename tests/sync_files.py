@@ -13,14 +13,17 @@ def render_settings_ini(root=ROOT) -> str:
     proj, nbdev = cfg['project'], cfg['tool']['nbdev']
     version = next(l.split('=')[1].strip().strip('"\'') for l in (root/nbdev['lib_path']/'__init__.py').read_text().splitlines()
                    if l.startswith('__version__'))
-    repo_url = proj['urls']['Repository'].rstrip('/')
-    user, repo = repo_url.split('/')[-2:]
+    # no public repository or hosted site yet: without `[project.urls]` nbdev links pages and sources relatively
+    urls = proj.get('urls', {})
+    repo_url, repo = urls.get('Repository', '').rstrip('/'), proj['name']
+    user = repo_url.split('/')[-2] if repo_url else ''
+    doc_host = urls['Documentation'].split('/' + repo)[0] if 'Documentation' in urls else ''
     author = proj['authors'][0]
     keys = dict(
         repo=repo, lib_name=proj['name'], version=version, min_python=proj['requires-python'].lstrip('>='),
         license=proj['license'], description=proj['description'], keywords=' '.join(proj['keywords']),
         author=author['name'], author_email=author['email'], user=user, branch=nbdev.get('branch', 'main'),
-        git_url=repo_url, doc_host=proj['urls']['Documentation'].split('/' + repo)[0], doc_baseurl=f'/{repo}',
+        git_url=repo_url, doc_host=doc_host, doc_baseurl=f'/{repo}' if doc_host else '/',
         title=nbdev.get('title', proj['name']), lib_path=nbdev['lib_path'], nbs_path=nbdev['nbs_path'],
         doc_path=nbdev['doc_path'], recursive='True', tst_flags='notest', put_version_in_init='True',
         requirements=' '.join(proj['dependencies']),
@@ -28,7 +31,7 @@ def render_settings_ini(root=ROOT) -> str:
         console_scripts=' '.join(f'{k}={v}' for k, v in proj['scripts'].items()))
     head = ("# Mirror of pyproject.toml's nbdev settings for tools that still read settings.ini.\n"
             "# Do not edit: run `python tests/sync_files.py` (tests/test_project.py fails on drift).\n")
-    return head + '[DEFAULT]\n' + ''.join(f'{k} = {v}\n' for k, v in keys.items())
+    return head + '[DEFAULT]\n' + ''.join(f'{k} = {v}\n' for k, v in keys.items() if v != '')
 
 def render_readme(root=ROOT) -> str:
     "README.md: the markdown and visible code cells of nbs/index.ipynb"
