@@ -98,6 +98,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                              'fastai_hardmine/bench_report.py'),
                                               'fastai_hardmine.bench_report.format_noise_note': ( 'bench_report.html#format_noise_note',
                                                                                                   'fastai_hardmine/bench_report.py'),
+                                              'fastai_hardmine.bench_report.format_task_note': ( 'bench_report.html#format_task_note',
+                                                                                                 'fastai_hardmine/bench_report.py'),
                                               'fastai_hardmine.bench_report.format_task_table': ( 'bench_report.html#format_task_table',
                                                                                                   'fastai_hardmine/bench_report.py'),
                                               'fastai_hardmine.bench_report.plot_frontier': ( 'bench_report.html#plot_frontier',

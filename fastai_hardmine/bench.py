@@ -10,7 +10,7 @@ import torch
 import fastai
 from .bench_data import TASKS, bench_config
 from .bench_run import OPTIMIZERS, Progress, plan_task, run_task
-from .bench_report import READING, format_task_table, format_noise_note, plot_task
+from .bench_report import READING, format_task_table, format_noise_note, format_task_note, plot_task
 
 # %% auto #0
 __all__ = ['main']
@@ -121,7 +121,7 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
     meta['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
     (out/'results.json').write_text(json.dumps(results, indent=1))
     for task, res in results['tasks'].items():
-        table, note = format_task_table(res), format_noise_note(res)
+        table, note = format_task_table(res), '\n'.join(filter(None, [format_noise_note(res), format_task_note(res)]))
         cfg = res['config']
         budgets = (f"plain fastai also at {_pcts(cfg['plain_budgets']) or 'no shorter schedule'}%, "
                    f"rules at {_pcts(cfg['mining_budgets'])}%")
