@@ -157,7 +157,8 @@ def build():
         if (proc/extra).exists(): shutil.copytree(proc/extra, STAGE/extra)
     _source_pages(modules, STAGE/'src')
     # notebook prompts (`In [ ]:`, `Out[4]:`) mean nothing on a documentation page
-    (STAGE/'extra.css').write_text(".jp-InputPrompt, .jp-OutputPrompt { display: none; }\n")
+    (STAGE/"extra.css").write_text(".jupyter-wrapper .jp-InputPrompt, .jupyter-wrapper .jp-OutputPrompt { display: none !important; }\n"
+                                   ".md-grid { max-width: 1400px; }\n")
     order = {n: i for i, n in enumerate(FIRST)}
     pages.sort(key=lambda p: order.get(Path(p[1]).stem, len(order)))
     # the MkDocs settings are made here, next to the staged pages, from the notebooks found
