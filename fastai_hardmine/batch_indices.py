@@ -4,13 +4,13 @@
 
 # %% ../nbs/05_batch_indices.ipynb #c003
 from __future__ import annotations
-import sys
+import random, sys
 import torch
 from torch import Tensor
 from fastai.data.load import DataLoader
 
 # %% auto #0
-__all__ = ['dataset_size', 'BatchIndices']
+__all__ = ['dataset_size', 'BatchIndices', 'FixedOrder', 'loader_with_order']
 
 # %% ../nbs/05_batch_indices.ipynb #c005
 def _unmappable(dl) -> str|None:
@@ -69,3 +69,19 @@ class BatchIndices:
             raise RuntimeError(f"Training batch {i} has {n} samples, but the DataLoader's index order for the epoch has "
                                f"{len(idx)} left at position {start}: an item was skipped, so batches no longer match indices")
         return idx
+
+# %% ../nbs/05_batch_indices.ipynb #c005b
+class FixedOrder:
+    "A loader's `get_idxs` that returns the same indices every epoch (a class, so that the loader pickles for workers)"
+    def __init__(self, idxs:list): self.idxs = idxs
+    def __call__(self): return list(self.idxs)
+
+def loader_with_order(dl:DataLoader, # The loader to copy (dataset, transforms, batch size, device, workers)
+                      idxs:list, # Dataset indices to draw, in this order
+                      **kwargs, # Other settings of the copy, passed to `dl.new`
+                     ) -> DataLoader:
+    "A copy of `dl` that draws exactly `idxs`, in order, every epoch; Python's global random state is left as it was"
+    # a new fastai loader seeds its own RNG from Python's global one, which transforms draw from too: put it back
+    state = random.getstate()
+    try: return dl.new(get_idxs=FixedOrder(idxs), n=len(idxs), **kwargs)
+    finally: random.setstate(state)

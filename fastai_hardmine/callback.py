@@ -18,7 +18,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
-from .core import (check_unit_interval, check_top_k, check_beta, check_count, batch_size, select_loss_fraction, select_top_k,
+from .core import (check_unit_interval, check_top_k, check_beta, check_count, check_flag, batch_size, select_loss_fraction, select_top_k,
                                   top_k_count, select_selective_backprop, LossHistory, subset_batch, bucket_count,
                                   add_highest_dropped, zero_top_losses)
 from .schedule import SelectionWindow
@@ -89,9 +89,8 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
         if self.score_scale < 1 and mode != 'subset':
             raise ValueError(f"`score_scale` resizes the scoring forward's inputs; mode={mode!r} runs no scoring forward: "
                              f"use mode='subset' or score_scale=1")
-        for name, v in (('log_kept', log_kept), ('log_kept_loss', log_kept_loss), ('track_samples', track_samples)):
-            if not isinstance(v, bool): raise ValueError(f"`{name}` must be True or False, got {v!r}")
-        self.log_kept, self.log_kept_loss, self.track_samples = log_kept, log_kept_loss, track_samples
+        self.log_kept, self.log_kept_loss = check_flag('log_kept', log_kept), check_flag('log_kept_loss', log_kept_loss)
+        self.track_samples = check_flag('track_samples', track_samples)
         if mode == 'subset': self.order = self.subset_order
         self.active, self._fit_pending, self._deferred = False, False, False
         # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
@@ -476,7 +475,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
         super().__init__(ignore_top=ignore_top, **kwargs)
         mode = self.mode
         self.beta, self.seed = check_beta(beta), seed
-        if not isinstance(fill_batch, bool): raise ValueError(f"`fill_batch` must be True or False, got {fill_batch!r}")
+        check_flag('fill_batch', fill_batch)
         staleness = check_count('staleness', staleness)
         if mode != 'subset' and (fill_batch or staleness):
             raise ValueError(f"`fill_batch` and `staleness` need mode='subset' (they change which samples the step trains "

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_unit_interval', 'check_top_k', 'check_count', 'check_beta', 'batch_size', 'per_sample_loss',
+__all__ = ['check_unit_interval', 'check_top_k', 'check_count', 'check_flag', 'check_beta', 'batch_size', 'per_sample_loss',
            'select_loss_fraction', 'top_k_count', 'select_top_k', 'selective_backprop_probs',
            'select_selective_backprop', 'LossHistory', 'bucket_count', 'add_highest_dropped', 'zero_top_losses',
            'subset_batch', 'concat_batches', 'buffers_restored']
@@ -39,6 +39,11 @@ def check_count(name:str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
         raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
     return int(value)
+
+def check_flag(name:str, value) -> bool:
+    "Return `value` if it is True or False, else raise `ValueError`"
+    if not isinstance(value, bool): raise ValueError(f"`{name}` must be True or False, got {value!r}")
+    return value
 
 def check_beta(beta) -> float:
     "Return `beta` as a float if it is a number >= 0, else raise `ValueError`"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_diagnostics.ipynb #c003
 from __future__ import annotations
-import math, warnings
+import warnings
 import numpy as np
 import pandas as pd
 import torch
@@ -14,6 +14,7 @@ from fastcore.basics import patch, getcallable
 from fastai.learner import Learner
 from .callback import HardMiningCallback, SelectiveBackpropCallback
 from .prune import InfoBatchCallback
+from .batch_indices import loader_with_order
 
 # %% auto #0
 __all__ = ['smoothed', 'realised_keep_rate', 'precision_recall_at_k']
@@ -151,7 +152,7 @@ def plot_pruned(self:Learner, **kwargs) -> plt.Figure:
 # %% ../nbs/19_diagnostics.ipynb #c034
 def _store(learn:Learner, what:str):
     miner = next((c for c in learn.cbs if isinstance(c, HardMiningCallback)), None)
-    if miner is None or not getattr(miner, 'track_samples', False) or miner.store is None:
+    if miner is None or not miner.track_samples or miner.store is None:
         raise ValueError(f"`learn.{what}` needs the per-sample counts of a miner added with track_samples=True, e.g. "
                          f"`learn.batch_loss_filter(track_samples=True)`, and a fit since")
     return miner.store
@@ -177,23 +178,13 @@ def hardest_table(self:Learner,
     return pd.DataFrame(dict(index=idx.tolist(), scored=store.times_scored[i].tolist(), kept=store.times_kept[i].tolist(),
                              trained=store.times_trained[i].tolist(), last_loss=store.loss[i].tolist()))
 
-def _column(t) -> list:
-    "One table cell per sample of a batch tensor"
-    t = t.detach().cpu()
-    return t.tolist() if t.ndim == 1 else [r for r in t.tolist()]
-
-class _Fixed:
-    "A `get_idxs` that returns the same indices every time (a class, so that the loader pickles)"
-    def __init__(self, idxs:list): self.idxs = idxs
-    def __call__(self): return list(self.idxs)
-
 @patch
 def show_hardest(self:Learner,
                  n:int=9, # Number of samples
                  **kwargs):
     "Show the `n` samples kept most often, with labels, predictions and counts; returns their table (`hardest_table`)"
     table = self.hardest_table(n)
-    dl = self.dls.train.new(shuffle=False, drop_last=False, bs=len(table), get_idxs=_Fixed(table['index'].tolist()))
+    dl = loader_with_order(self.dls.train, table['index'].tolist(), shuffle=False, drop_last=False, bs=len(table))
     if not hasattr(dl, 'show_results'): return table
     b = dl.one_batch()
     n_inp = getattr(dl, 'n_inp', 1)
@@ -211,7 +202,7 @@ def show_hardest(self:Learner,
         # fastai 2.8.12's text `show_results` calls `show_results[object]`, which fastcore's dispatch no longer supports
         warnings.warn(f"show_hardest: the loader's `show_results` failed ({e}); returning the table only, with each "
                       f"sample's target and the model's decoded prediction", stacklevel=2)
-        return table.assign(target=_column(b[n_inp]) if len(b) > n_inp else None, prediction=_column(decoded))
+        return table.assign(target=b[n_inp].cpu().tolist() if len(b) > n_inp else None, prediction=decoded.cpu().tolist())
     # a grid of plots (images): the counts go under each title; a table (tabular, text) is shown as it is
     if plt.get_fignums() != before:
         for ax, kept, scored in zip(plt.gcf().axes, table['kept'], table['scored']):

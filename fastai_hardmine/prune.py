@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_prune.ipynb #c003
 from __future__ import annotations
-import math, random
+import math
 from numbers import Integral, Real
 import torch
 import torch.distributed as dist
@@ -16,10 +16,10 @@ from fastai.callback.rnn import RNNRegularizer
 from fastai.callback.training import GradientAccumulation
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from .core import check_unit_interval, batch_size
+from .core import check_unit_interval, check_flag, batch_size
 from .scoring import sample_losses
 from .store import SampleStore, NEVER
-from .batch_indices import BatchIndices
+from .batch_indices import BatchIndices, loader_with_order
 from .callback import HardMiningCallback
 from .columns import ReportsEpochColumns
 
@@ -92,11 +92,6 @@ def most_batches(n_batches:int, # This process's number of batches
     return int(t.item())
 
 # %% ../nbs/16_prune.ipynb #c015
-class _EpochOrder:
-    "The `get_idxs` of a pruned epoch's loader: the kept indices, in the epoch's order (a class, so the loader pickles for workers)"
-    def __init__(self, idxs:list): self.idxs = idxs
-    def __call__(self): return list(self.idxs)
-
 def _model_device(model) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
@@ -119,8 +114,7 @@ class InfoBatchCallback(ReportsEpochColumns, Callback):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
             raise ValueError(f"`seed` must be an int or None, got {seed!r}")
         self.seed, self.per_sample_loss_func = seed, per_sample_loss_func
-        if not isinstance(log_kept, bool): raise ValueError(f"`log_kept` must be True or False, got {log_kept!r}")
-        self.log_kept, self._recorded = log_kept, False
+        self.log_kept, self._recorded = check_flag('log_kept', log_kept), False
         self.active, self._fit_pending, self._weighted, self._min_rows = False, False, False, 1
         # what a fit sets up: the per-sample store, the random generator, the epoch's batch indices and loss weights
         self.store, self.generator, self.batch_indices, self.weights = None, None, None, None
@@ -216,10 +210,7 @@ class InfoBatchCallback(ReportsEpochColumns, Callback):
         self._weighted = True
         order = kept.nonzero().flatten()
         if dl.shuffle: order = order[torch.randperm(len(order), generator=gen, device=order.device)]
-        # a new fastai loader seeds its own RNG from Python's global one, which transforms draw from too: put it back
-        state = random.getstate()
-        try: return self._record(dl.new(get_idxs=_EpochOrder(order.tolist()), n=n_kept), n_kept, n)
-        finally: random.setstate(state)
+        return self._record(loader_with_order(dl, order.tolist()), n_kept, n)
 
     def _record(self, dl:DataLoader, kept:int, size:int) -> DataLoader:
         self.epoch_kept.append(kept); self.epoch_sizes.append(size)

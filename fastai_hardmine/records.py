@@ -29,7 +29,8 @@ class MiningRecords:
     def reset(self):
         "Forget every batch"
         self._sizes, self._kept, self._scored, self._trained = [], [], [], []
-        # one stacked tensor per finished epoch, and the current epoch's shares one by one (all on the device)
+        # one stacked tensor per finished epoch (empty for an epoch with no batch), and the current epoch's shares one by
+        # one (all on the device)
         self._epoch_shares, self._shares = [], []
         # batches recorded when each epoch ended
         self.epoch_ends = []
@@ -59,7 +60,7 @@ class MiningRecords:
 
     def end_epoch(self):
         "Close the epoch: its loss shares stacked on their device, its losses (at most `max_losses`) moved to the CPU once"
-        if self._shares: self._epoch_shares.append(torch.stack(self._shares))
+        self._epoch_shares.append(torch.stack(self._shares) if self._shares else torch.zeros(0))
         self._shares = []
         self.epoch_ends.append(len(self._sizes))
         self.epoch_losses.append(self._gather_losses())
@@ -79,17 +80,16 @@ class MiningRecords:
         return losses.cpu(), kept.cpu()
 
     def epoch_kept_share(self, epoch:int=-1) -> float:
-        "Share of the samples of `epoch`'s recorded training batches that were kept (NaN for an epoch with none)"
+        "Share of the samples of finished `epoch`'s recorded training batches that were kept (NaN for an epoch with none)"
         ends = [0] + self.epoch_ends
         start, end = ends[:-1][epoch], ends[1:][epoch]
         n = sum(self._sizes[start:end])
         return sum(self._kept[start:end]) / n if n else float('nan')
 
     def epoch_kept_loss_share(self, epoch:int=-1) -> float:
-        "Mean kept share of the loss over `epoch`'s recorded training batches (one host sync; NaN for an epoch with none)"
-        ends = [0] + self.epoch_ends
-        start, end = ends[:-1][epoch], ends[1:][epoch]
-        return self.kept_loss_share[start:end].mean().item() if end > start else float('nan')
+        "Mean kept share of the loss over finished `epoch`'s recorded training batches (one host sync; NaN for none)"
+        shares = self._epoch_shares[epoch]
+        return shares.float().mean().item() if len(shares) else float('nan')
 
     @property
     def batch_sizes(self) -> Tensor:
