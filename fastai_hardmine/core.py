@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['check_unit_interval', 'check_top_k', 'check_count', 'check_flag', 'check_beta', 'batch_size', 'per_sample_loss',
-           'select_loss_fraction', 'top_k_count', 'select_top_k', 'selective_backprop_probs',
+__all__ = ['check_unit_interval', 'check_top_k', 'check_count', 'check_seed', 'check_flag', 'check_beta', 'batch_size',
+           'per_sample_loss', 'select_loss_fraction', 'top_k_count', 'select_top_k', 'selective_backprop_probs',
            'select_selective_backprop', 'LossHistory', 'bucket_count', 'add_highest_dropped', 'zero_top_losses',
            'subset_batch', 'concat_batches', 'buffers_restored']
 
@@ -34,11 +34,17 @@ def check_top_k(k):
     raise ValueError(f"`k` must be a positive int (samples per batch) or a float in (0, 1] (share of the batch), got {k!r}")
 
 # %% ../nbs/00_core.ipynb #c008
-def check_count(name:str, value) -> int:
-    "Return `value` as an int if it is an int >= 0, else raise `ValueError`"
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}")
+def check_count(name:str, value, minimum:int=0) -> int:
+    "Return `value` as an int if it is an int >= `minimum`, else raise `ValueError`"
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+def check_seed(seed) -> int|None:
+    "Return `seed` if it is an int or None, else raise `ValueError`"
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
+        raise ValueError(f"`seed` must be an int or None, got {seed!r}")
+    return seed
 
 def check_flag(name:str, value) -> bool:
     "Return `value` if it is True or False, else raise `ValueError`"
@@ -180,9 +186,7 @@ def select_selective_backprop(losses:Tensor, # Per-sample losses, 1-D
 class LossHistory:
     "The last `size` losses seen, in a ring buffer on the losses' device"
     def __init__(self, size:int=1024): # Number of recent losses to keep
-        if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
-            raise ValueError(f"`history_size` must be an int >= 1, got {size!r}")
-        self.size = int(size)
+        self.size = check_count('history_size', size, 1)
         self.reset()
 
     def reset(self):
