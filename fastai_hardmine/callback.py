@@ -4,31 +4,24 @@
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
-import warnings
-from contextlib import nullcontext
+from numbers import Integral
 import torch
 from torch import Tensor
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from numbers import Integral
-from torch.nn.modules.batchnorm import _BatchNorm
-from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.mixup import MixHandler
 from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
-from .core import (check_unit_interval, check_top_k, check_beta, check_count, check_flag, batch_size, select_loss_fraction, select_top_k,
-                                  top_k_count, select_selective_backprop, LossHistory, subset_batch, bucket_count,
-                                  add_highest_dropped, zero_top_losses)
+from .core import (check_unit_interval, check_top_k, check_beta, check_count, check_flag, check_seed,
+                                  select_loss_fraction, select_top_k, top_k_count, select_selective_backprop, LossHistory,
+                                  zero_top_losses)
 from .schedule import SelectionWindow
-from . import scoring, recurrent
-from .recurrent import RecurrentRows
-from .accumulation import LoaderSampleAccumulation
-from .store import SampleStore
-from .batch_indices import BatchIndices
-from .fill_queue import FillQueue, all_processes_agree
-from .records import MiningRecords, kept_loss_share
+from . import scoring
+from .fitting import in_lr_find, seeded_generator, find_callback, check_only, replace_callback
+from .steps import PlainStep, make_step
 from .columns import ReportsEpochColumns
 
 # %% auto #0
@@ -47,8 +40,12 @@ def _check_buckets(buckets) -> int|None:
                          f"got {buckets!r}")
     return int(buckets)
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
+def _check_subset_only(mode:str, **options):
+    "Refuse, in mask mode, an option that only subset mode carries out: `name=(in use, what it does)`"
+    if mode == 'subset': return
+    for name, (used, does) in options.items():
+        if used: raise ValueError(f"`{name}` {does}; mode={mode!r} trains the whole batch after fastai's forward and runs no "
+                                  f"scoring forward: use mode='subset', or leave `{name}` at its default")
 
 class HardMiningCallback(ReportsEpochColumns, Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
@@ -58,9 +55,12 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
     # subset mode scores in `before_batch`: just after `MixedPrecision` enters its autocast there (or, during a fit
     # with MixUp or CutMix, just before the batch is mixed: see `before_fit`)
     subset_order = MixedPrecision.order + 1
-
     # True for a rule that keeps the same number of samples from every full batch (nothing to round to buckets)
     fixed_count = False
+    # what a fit sets up (its step, with the records): left out of a pickle (`learn.export()`), made afresh on loading
+    _stateattrs = ('batch_step',)
+    # Selective-Backprop's options, off for the other rules
+    fill_batch, staleness = False, 0
 
     def __init__(self,
                  per_sample_loss_func=None, # Function of `(pred, *yb)` returning one loss per sample; default: the Learner's `loss_func` made per-sample
@@ -74,55 +74,25 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
                  score_scale:float=1., # Subset mode, image inputs: score a copy resized by this factor, in (0, 1]
                  log_kept:bool=True, # Add a `kept` column to fastai's progress table: the share of the epoch's samples kept
                  log_kept_loss:bool=False, # Add a `kept_loss` column: the mean share of each batch's loss carried by the kept samples
-                 track_samples:bool=False, # Count, per training sample, how often it was scored, kept and trained (`learn.hardest_indices`)
+                 track_samples:bool=False, # Subset mode: count, per training sample, how often it was scored, kept and trained (`learn.hardest_indices`)
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
         self.window = SelectionWindow(start, end, warmup, interrupt)
         self.buckets = _check_buckets(buckets)
-        if self.buckets and mode != 'subset':
-            raise ValueError(f"`buckets` rounds the number of samples subset mode trains on; mode={mode!r} trains the whole "
-                             f"batch: leave `buckets` at None")
         self.ignore_top = check_unit_interval('ignore_top', ignore_top)
         if self.ignore_top >= 1: raise ValueError(f"`ignore_top` must be a number in [0, 1), got {ignore_top!r}")
         self.score_scale = check_unit_interval('score_scale', score_scale, low_open=True)
-        if self.score_scale < 1 and mode != 'subset':
-            raise ValueError(f"`score_scale` resizes the scoring forward's inputs; mode={mode!r} runs no scoring forward: "
-                             f"use mode='subset' or score_scale=1")
         self.log_kept, self.log_kept_loss = check_flag('log_kept', log_kept), check_flag('log_kept_loss', log_kept_loss)
         self.track_samples = check_flag('track_samples', track_samples)
+        _check_subset_only(mode, buckets=(self.buckets, "rounds the number of samples subset mode trains on"),
+                           score_scale=(self.score_scale < 1, "resizes the inputs of subset mode's scoring forward"),
+                           track_samples=(track_samples, "counts the samples subset mode scores, keeps and trains"))
         if mode == 'subset': self.order = self.subset_order
-        self.active, self._fit_pending, self._deferred = False, False, False
-        # Selective-Backprop's options, off for the other rules (see `SelectiveBackpropCallback`)
-        self.fill_batch, self.staleness = False, 0
-        self._min_rows = 1
-        self._new_run_state()
+        self.active, self._fit_pending = False, False
+        self._init_state()
 
-    # what a fit sets up or records: left out of a pickle (`learn.export()`) and made afresh when it is loaded
-    _run_state = ('records', 'queue', 'store', 'batch_indices', '_batch_loss', '_accumulation', '_stateful', '_rows',
-                  '_reached', '_pred_transforms', '_trained_ids', '_mixed_precision', '_scoring_pred')
-
-    def _new_run_state(self):
-        self.records, self.queue, self._batch_loss = MiningRecords(), FillQueue(), None
-        # the per-sample store and the batches' dataset indices, made when a fit that needs them starts
-        self.store, self.batch_indices = None, None
-        self._mixed_precision = None  # the fit's `MixedPrecision`, whose autocast scoring runs in
-        # makes `GradientAccumulation` count and weigh loader samples (set up when a fit starts)
-        self._accumulation = LoaderSampleAccumulation()
-        # recurrent models: every module with a hidden state (the scoring forward puts it back), the rows of those whose
-        # state carries across batches, and the state the scoring forward reached
-        self._stateful, self._rows, self._reached = [], RecurrentRows([]), {}
-        # the callbacks whose `after_pred` rewrites the prediction (`RNNCallback`, ...): replayed on the scoring output
-        self._pred_transforms = []
-        # dataset indices of the samples fastai's forward trains on in this batch, when the store is in use
-        self._trained_ids = None
-        # the last scoring forward's prediction: what fastai's train metrics read for a batch `fill_batch` defers
-        self._scoring_pred = None
-
-    def bucket_sizes(self) -> int:
-        "The `buckets` in effect: 0 where the kept count needs no rounding (mask mode, `fill_batch`, a fixed count)"
-        if self.mode != 'subset' or self.fill_batch or self.fixed_count: return 0
-        return DEFAULT_BUCKETS if self.buckets is None else self.buckets
+    def _init_state(self): self.batch_step = PlainStep()
 
     def __call__(self, event_name):
         try: return super().__call__(event_name)
@@ -132,31 +102,25 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
             if hasattr(e, 'model_args'): e.args = e.model_args
             raise
 
-    def __getstate__(self):
-        # `learn.export()` pickles the Learner with its callbacks: keep the settings, drop what a fit records or sets
-        # up from the Learner it starts with (records, per-sample store, queue, recurrent states, accumulation counts)
-        return {k: v for k, v in self.__dict__.items() if k not in self._run_state}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._new_run_state()
-
     @property
     def name(self):
         # the class-derived names (`top_k`, ...) would hide the Learner methods of the same names
         return 'hard_mining_' + super().name
 
     def select(self, losses:Tensor) -> Tensor:
-        "Indices of the samples to keep, from the batch's detached per-sample `losses`"
+        "Indices of the samples to keep, from the batch's detached per-sample `losses`: what each rule says"
         raise NotImplementedError
 
     def keeps_all(self, n:int) -> bool:
         "True when the rule keeps every sample of a batch of `n` whatever the losses: the batch is then trained as is"
         return False
 
-    def store_users(self) -> list[str]:
-        "The options in use that need the per-sample store (and so each batch's dataset indices)"
-        return [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(self, o)]
+    def reset(self):
+        "Forget what earlier fits recorded (called when a fit starts training): a subclass's extension point"
+
+    records = property(lambda self: self.batch_step.records, doc="The `MiningRecords` of the last fit")
+    store = property(lambda self: self.batch_step.counts and self.batch_step.counts.store,
+                     doc="The per-sample `SampleStore` of the last fit, when `staleness` or `track_samples` kept one; else None")
 
     def column_names(self) -> list[str]:
         "The columns this callback adds to fastai's progress table (see `EpochColumns`)"
@@ -166,11 +130,6 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
         "The epoch's kept share of the samples and (with `log_kept_loss`) of the loss, NaN where it selected nothing"
         return ([self.records.epoch_kept_share()] * self.log_kept +
                 [self.records.epoch_kept_loss_share()] * self.log_kept_loss)
-
-    def reset(self):
-        "Forget what earlier fits recorded (called when a fit starts training)"
-        self.records.reset()
-        self.store, self.batch_indices = None, None
 
     def before_fit(self):
         # `validate` and `get_preds` send `before_fit` too: only the first training epoch starts a new record
@@ -182,235 +141,54 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
             self.order = min(mixers) - 1 if mixers else self.subset_order
 
     def before_train(self):
-        self.queue.clear()
-        self._accumulation.new_epoch()
-        if self.batch_indices is not None: self.batch_indices.new_epoch()
-        if self._fit_pending: self._start_fit()
+        if self._fit_pending:
+            # checks first, so that a fit fails before any batch
+            self._fit_pending = False
+            check_only(self, HardMiningCallback, 'hard-mining callback')
+            self.active = not in_lr_find(self.learn)
+            self.reset()
+            self.batch_step = make_step(self, self.learn)
+        self.batch_step.new_epoch()
 
-    def _start_fit(self):
-        "Set up what a fit needs, at its first training epoch: checks first, so that a fit fails before any batch"
-        self._fit_pending = False
-        others = [cb for cb in self.learn.cbs if isinstance(cb, HardMiningCallback) and cb is not self]
-        if others:
-            raise ValueError(f"A Learner takes one hard-mining callback, got {type(self).__name__} and "
-                             f"{', '.join(type(o).__name__ for o in others)}: remove all but one")
-        # lr_find trains too, but its losses must be those of plain training
-        self.active = not hasattr(self.learn, 'lr_finder')
-        model = self.learn.model
-        # BatchNorm cannot train on one sample: with it, subset mode never forwards fewer than two
-        self._min_rows = 2 if any(isinstance(m, _BatchNorm) for m in model.modules()) else 1
-        self.reset()
-        self._accumulation = LoaderSampleAccumulation(self.learn.cbs)
-        self._pred_transforms = self._find_pred_transforms()
-        self._mixed_precision = next((cb for cb in self.learn.cbs if isinstance(cb, MixedPrecision)), None)
-        self._rows = RecurrentRows(recurrent.carried_state_modules(model) if self.mode == 'subset' else [])
-        self._stateful = recurrent.recurrent_modules(model)
-        self._check_state_kept()
-        users = self.store_users()
-        if self.active and users:
-            self.batch_indices = BatchIndices(self.dl, needed_by=' and '.join(users))
-            self.store = SampleStore(self.batch_indices.size, device=_model_device(model))
-
-    def _find_pred_transforms(self) -> list:
-        "Subset mode: the callbacks to replay on the scoring output, with a warning naming those that may rewrite it unsaid"
-        if self.mode != 'subset': return []
-        replay, unknown = scoring.pred_transforms(self.learn.cbs, skip=(HardMiningCallback,))
-        if unknown and self.active:
-            names = ', '.join(type(cb).__name__ for cb in unknown)
-            warnings.warn(f"{type(self).__name__}: {names} override(s) `after_pred`, which the scoring forward of "
-                          f"mode='subset' does not run. If it rewrites `learn.pred`, set the class attribute "
-                          f"`transforms_pred = True` so that the scoring output is rewritten the same way; if it does not, "
-                          f"set `transforms_pred = False` to silence this warning.", stacklevel=2)
-        return replay
-
-    def _check_state_kept(self):
-        "Subset mode: refuse a model whose state across batches the scoring forward or the options cannot keep"
-        if self._rows.modules and (self.fill_batch or self.staleness):
-            raise ValueError(f"{type(self).__name__}: `fill_batch` and `staleness` cannot keep the hidden state of "
-                             f"{type(self._rows.modules[0]).__name__}, which carries each batch row's state to the next batch "
-                             f"(they train rows of different batches together, or skip rows' forwards): use "
-                             f"fill_batch=False and staleness=0, or mode='mask'")
-        # a `reset` method is fastai's mark of a module with a state across batches (`ModelResetter` calls it), with
-        # or without `ModelResetter` in the Learner
-        if self.mode != 'subset': return
-        unknown = recurrent.unknown_state_modules(self.learn.model)
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: {type(unknown[0]).__name__} has a `reset` method, fastai's mark of a "
-                             f"module that keeps a state across batches, and the scoring forward of mode='subset' cannot "
-                             f"put that state back: it puts back buffers and the `hidden`/`bs` state of AWD_LSTM-like "
-                             f"modules only. Use mode='mask', which runs no scoring forward.")
-
+    def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
+    def before_batch(self):
+        if self._mining(): self.batch_step.before_batch(self.learn)
+    def after_pred(self):
+        if self._mining(): self.batch_step.after_pred(self.learn)
+    def after_loss(self):
+        if self._mining(): self.batch_step.after_loss(self.learn)
+    def after_cancel_batch(self): self.batch_step.after_cancel_batch()
     def after_train(self): self.records.end_epoch()
+    def after_cancel_train(self): self.batch_step.end_fit()
     def after_fit(self): self._end_fit()
-    def after_cancel_train(self): self.queue.clear()
     def after_cancel_fit(self): self._end_fit()
 
     def _end_fit(self):
-        self.queue.clear()
+        self.batch_step.end_fit()
         # back to the place the callback was made with (`before_fit` moves it before a MixUp-like callback)
         if self.mode == 'subset': self.order = self.subset_order
 
-    def sample_losses(self, pred=None, yb=None) -> Tensor:
-        "Per-sample losses of `pred` against `yb` (default: the Learner's prediction and targets), with their graph"
-        return scoring.sample_losses(self.learn.loss_func, self.pred if pred is None else pred,
-                                     self.yb if yb is None else yb, self.per_sample_loss_func)
+    # what a step asks of its rule
+    def _trains_whole(self, n:int|None) -> bool:
+        "Whether batch of `n` trains plain: outside the selection window (`SelectionWindow`), or kept whole by the rule"
+        return n is not None and (not self.window.selects(self.epoch, self.iter, self.n_iter, self.n_epoch) or self.keeps_all(n))
 
-    def score(self, xb=None, yb=None) -> Tensor:
-        "Per-sample losses of `xb` (default: the whole batch, before any mixing) from a no-grad forward that leaves the model as it was"
-        yb = self.yb if yb is None else yb
-        def losses_of(pred):
-            # what `RNNCallback.after_pred` (and any callback that says it rewrites `pred`) does to the training output
-            pred = self._scoring_pred = scoring.replay_after_pred(self.learn, self._pred_transforms, pred)
-            return scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False)
-        self._reached = {}
-        with self._autocast() or nullcontext():
-            return scoring.scoring_forward(self.learn.model, scoring.downscaled(self.xb if xb is None else xb, self.score_scale),
-                                           losses_of, self._reached, self._stateful)
-
-    def _autocast(self, entered:bool=False):
-        "The autocast of the fit's `MixedPrecision` if it has entered it for this batch (`entered`) or will after this callback"
-        mp = self._mixed_precision
-        if mp is None or getattr(mp, 'autocast', None) is None or (mp.order < self.order) != entered: return None
-        return mp.autocast
-
-    def check_finite(self, losses:Tensor):
-        "Raise `FloatingPointError` if a loss of the batch is NaN or infinite"
-        scoring.check_finite(losses, f"{type(self).__name__}, training batch {self.iter} of epoch {self.epoch}")
-
-    def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
-
-    def before_batch(self):
-        if self.mode != 'subset' or not self._mining(): return
-        self._rows.rows = None
-        self._accumulation.loader_batch(batch_size(self.yb) or 0)
-        ids = self._trained_ids = self._batch_ids()
-        if self._kept_whole(ids): return
-        losses, scored = self._batch_losses(ids)
-        idx = self._select(losses)
-        # a few shapes instead of one per batch (`bucket_sizes`), and never one sample through BatchNorm
-        n_keep = max(bucket_count(len(idx), len(losses), self.dl.bs or len(losses), self.bucket_sizes()),
-                     min(self._min_rows, len(losses)))
-        idx = add_highest_dropped(losses, idx, n_keep)
-        self._batch_loss = losses.mean()
-        n_scored = len(losses) if scored is None else len(scored)
-        xb, yb, kept_ids = self.xb, self.yb, None if ids is None else ids[idx]
-        if len(idx) < len(losses): xb, yb = subset_batch(xb, idx), subset_batch(yb, idx)
-        if ids is not None: self._count(ids, scored, kept_ids)
-        if self.fill_batch:
-            batch = self._fill(xb, yb, kept_ids)
-            if batch is None:
-                # nothing to train yet: skip fastai's forward, backward and step, but log the batch's loss
-                self.records.add(len(losses), len(idx), n_scored, 0, kept_loss_share(losses, idx))
-                self.records.add_losses(losses, idx)
-                self.learn.loss = self._batch_loss
-                self._deferred_pred(scored)
-                self._deferred = True
-                raise CancelBatchException()
-            xb, yb, self._trained_ids = batch
-            if ids is not None: self.store.count(self._trained_ids, trained=True)
-        else: self._trained_ids = kept_ids
-        self.records.add(len(losses), len(idx), n_scored, batch_size(yb), kept_loss_share(losses, idx))
-        self.records.add_losses(losses, idx)
-        if xb is not self.xb:
-            self.learn.xb, self.learn.yb = xb, yb
-            # a recurrent model's kept rows start from their own state, and every row carries on after (`after_pred`)
-            if self._rows.modules: self._rows.train(idx, len(losses))
-
-    def _deferred_pred(self, scored:Tensor|None):
-        "What fastai's train metrics read for a deferred batch, which runs no training forward"
-        # the scoring forward's prediction when it saw the whole batch; with stored losses there is none, and empty
-        # targets make fastai's `Recorder` skip the batch (train loss and metrics), as it skips any batch with no targets
-        if scored is None or len(scored) == batch_size(self.yb): self.learn.pred = self._scoring_pred
-        else: self.learn.yb = ()
-
-    def after_pred(self): self._rows.carry_on(self._reached)
-
-    def _count(self, ids:Tensor, scored:Tensor|None, kept_ids:Tensor):
-        "Count the batch's samples in the store: those scored, those kept, and those trained unless `fill_batch` queues them"
-        if scored is None or len(scored): self.store.count(ids if scored is None else ids[scored], scored=True)
-        self.store.count(kept_ids, kept=True, trained=not self.fill_batch)
-
-    def after_cancel_batch(self):
-        if not self._deferred: return
-        self._deferred = False
-        # a `MixedPrecision` that runs before this callback entered its autocast in `before_batch`, and the
-        # `after_loss` that leaves it will not run for this batch: leave it here
-        autocast = self._autocast(entered=True)
-        if autocast is not None: autocast.__exit__(None, None, None)
-
-    def _batch_ids(self) -> Tensor|None:
-        "Dataset indices of the training batch's samples when the store is in use, else None"
-        if self.store is None: return None
-        return self.batch_indices(self.iter, batch_size(self.yb), self.store.device)
-
-    def _batch_losses(self, ids:Tensor|None) -> tuple[Tensor, Tensor|None]:
-        "Per-sample losses of the batch (reused from the store where fresh enough) and the positions scored (None: all)"
-        def score(pos=None):
-            losses = self.score(*((self.xb, self.yb) if pos is None else (subset_batch(self.xb, pos), subset_batch(self.yb, pos))))
-            self.check_finite(losses)
-            return losses
-        if not self.staleness: return score(), None
-        return self.store.losses(ids, self.epoch, self.staleness, score, self._min_rows)
-
-    def _fill(self, xb, yb, ids):
-        "The queued kept samples `(xb, yb, ids)` once they fill the loader's batch size (or the epoch ends), else None"
-        self.queue.push((xb, yb, ids))
-        last = self.iter == self.n_iter - 1
-        if not all_processes_agree(self.queue.ready(self.dl.bs, last), self.yb[0].device): return None
-        return self.queue.pop(self.dl.bs, last)
-
-    def after_loss(self):
-        if not self._mining(): return
-        if self.mode == 'subset':
-            # log the whole batch's loss, as in mask mode and without the callback
-            if self._batch_loss is not None: self.learn.loss = self._batch_loss.to(self.loss.dtype)
-            self._accumulation.trained_step(self.learn, batch_size(self.yb))
-            if self.store is not None: self._record_training_losses()
-            return
-        if self._kept_whole(): return
-        losses = self.sample_losses()
-        detached = losses.detach()
-        self.check_finite(detached)
-        idx = self._select(detached)
-        self.learn.loss_grad = losses[idx].mean()
-        self.records.add(len(losses), len(idx), 0, len(losses), kept_loss_share(detached, idx))
-        self.records.add_losses(detached, idx)
-
-    def selects(self) -> bool:
-        "Whether the rule selects on this training batch (see `SelectionWindow`): else the batch trains plain"
-        return self.window.selects(self.epoch, self.iter, self.n_iter, self.n_epoch)
-
-    def _select(self, losses:Tensor) -> Tensor:
+    def _choose(self, losses:Tensor) -> Tensor:
         "The rule's selection, with the top `ignore_top` of the batch's losses counted as zero (never selected)"
         return self.select(zero_top_losses(losses, self.ignore_top) if self.ignore_top else losses)
 
-    def _kept_whole(self, ids:Tensor|None=None) -> bool:
-        "Record and skip a batch the rule keeps whole or does not select on: no scoring, no per-sample loss, fastai's step"
-        self._batch_loss = None
-        n = batch_size(self.yb)
-        if n is None or (self.selects() and not self.keeps_all(n)): return False
-        queued = len(self.queue)
-        # on the batch's device, like the shares of the batches that were scored
-        self.records.add(n, n, 0, n + queued, torch.ones((), device=self.yb[0].device))
-        if ids is not None: self.store.count(ids, kept=True, trained=True)
-        if queued: self._train_with_queued(ids)
-        return True
+    def _sample_losses(self) -> Tensor:
+        "Per-sample losses of the Learner's prediction against its targets, with their graph"
+        return scoring.sample_losses(self.learn.loss_func, self.pred, self.yb, self.per_sample_loss_func)
 
-    def _train_with_queued(self, ids:Tensor|None):
-        "A batch trained plain while `fill_batch` holds kept samples: train those with it, so none is left untrained"
-        self.queue.push((self.xb, self.yb, ids))
-        xb, yb, trained = self.queue.pop(self.dl.bs, last=True)
-        if ids is not None:
-            self.store.count(trained[:len(trained) - len(ids)], trained=True)
-            self._trained_ids = trained
-        self.learn.xb, self.learn.yb = xb, yb
+    def _store_users(self) -> list[str]:
+        "The options in use that need the per-sample store (and so each batch's dataset indices)"
+        return [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(self, o)]
 
-    def _record_training_losses(self):
-        "Write the training forward's per-sample losses of the trained samples to the store: fresh losses for no extra forward"
-        # under MixUp/CutMix a trained sample's loss is that of a mix, not its own
-        if self._trained_ids is None or scoring.mix_handler(self.learn.loss_func) is not None: return
-        with torch.no_grad(): losses = self.sample_losses()
-        self.store.record_losses(self._trained_ids, losses, self.epoch)
+    def _bucket_sizes(self) -> int:
+        "The `buckets` in effect: 0 where the kept count needs no rounding (`fill_batch`, a fixed count)"
+        if self.fill_batch or self.fixed_count: return 0
+        return DEFAULT_BUCKETS if self.buckets is None else self.buckets
 
     # the records, read through the callback: tensors on the CPU, one entry per training batch since `fit` started
     batch_sizes = property(lambda self: self.records.batch_sizes, doc="Size of each training batch")
@@ -472,41 +250,30 @@ class SelectiveBackpropCallback(HardMiningCallback):
                  staleness:int=0, # Reuse a sample's loss scored up to this many epochs ago instead of scoring it again ('subset' mode)
                  ignore_top:float=0.1, # Share of each batch's highest losses never selected (the noise guard; 0: off), in [0, 1)
                  **kwargs):
+        # the loss history is made with the rest of the run state (`_init_state`), from its size
+        self.history_size = check_count('history_size', history_size, 1)
         super().__init__(ignore_top=ignore_top, **kwargs)
-        mode = self.mode
-        self.beta, self.seed = check_beta(beta), seed
-        check_flag('fill_batch', fill_batch)
-        staleness = check_count('staleness', staleness)
-        if mode != 'subset' and (fill_batch or staleness):
+        self.beta, self.seed = check_beta(beta), check_seed(seed)
+        self.fill_batch, self.staleness = check_flag('fill_batch', fill_batch), check_count('staleness', staleness)
+        if self.mode != 'subset' and (fill_batch or staleness):
             raise ValueError(f"`fill_batch` and `staleness` need mode='subset' (they change which samples the step trains "
-                             f"on and skip scoring forwards), got mode={mode!r}")
-        self.fill_batch, self.staleness = fill_batch, int(staleness)
+                             f"on and skip scoring forwards), got mode={self.mode!r}")
         if fill_batch and self.buckets:
             raise ValueError("`buckets`: with fill_batch=True every step trains a full batch of the loader's size, one "
                              "shape already: leave `buckets` at None")
-        self.history = LossHistory(history_size)
 
-    def reset(self):
-        super().reset()
-        self.history.reset()
+    # the loss history and the generator are run state too: a fit resets the history, and the generator is made
+    # again from `seed` when next needed
+    _stateattrs = HardMiningCallback._stateattrs + ('history', 'generator')
 
-    def __getstate__(self):
-        # the loss history and the generator are run state too: a fit resets the history, and the generator is
-        # made again from `seed` when next needed
-        state = super().__getstate__()
-        state['history'] = LossHistory(self.history.size)
-        return state
+    def _init_state(self):
+        super()._init_state()
+        self.history, self.generator = LossHistory(self.history_size), None
 
-    _run_state = HardMiningCallback._run_state + ('generator',)
-
-    def _new_run_state(self):
-        super()._new_run_state()
-        self.generator = None
+    def reset(self): self.history.reset()
 
     def _generator(self, device) -> torch.Generator:
-        if self.generator is None or self.generator.device != device:
-            seed = self.seed if self.seed is not None else int(torch.randint(2**62, ()))
-            self.generator = torch.Generator(device=device).manual_seed(seed)
+        if self.generator is None or self.generator.device != device: self.generator = seeded_generator(self.seed, device)
         return self.generator
 
     def select(self, losses):
@@ -519,11 +286,7 @@ class SelectiveBackpropCallback(HardMiningCallback):
 @patch(as_prop=True)
 def hard_miner(self:Learner) -> HardMiningCallback|None:
     "The hard-mining callback of this Learner, or None"
-    return next((cb for cb in self.cbs if isinstance(cb, HardMiningCallback)), None)
-
-def _use_hard_miner(learn:Learner, cb:HardMiningCallback) -> Learner:
-    learn.remove_cbs([c for c in learn.cbs if isinstance(c, HardMiningCallback)])
-    return learn.add_cb(cb)
+    return find_callback(self, HardMiningCallback)
 
 @patch
 @delegates(BatchLossFilterCallback.__init__)
@@ -532,7 +295,7 @@ def batch_loss_filter(self:Learner,
                       min_sample_perc:float=0., # Share of the batch to keep at least, in [0, 1]
                       **kwargs) -> Learner:
     "Train on the highest-loss samples carrying `min_loss_perc` of each batch's loss"
-    return _use_hard_miner(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, **kwargs))
+    return replace_callback(self, BatchLossFilterCallback(min_loss_perc, min_sample_perc, **kwargs), HardMiningCallback)
 
 @patch
 @delegates(TopKCallback.__init__)
@@ -540,7 +303,7 @@ def top_k(self:Learner,
           k:int|float, # Samples to keep per batch (int) or share of the batch to keep (float in (0, 1])
           **kwargs) -> Learner:
     "Train on the `k` highest-loss samples of each batch"
-    return _use_hard_miner(self, TopKCallback(k, **kwargs))
+    return replace_callback(self, TopKCallback(k, **kwargs), HardMiningCallback)
 
 @patch
 @delegates(SelectiveBackpropCallback.__init__)
@@ -550,4 +313,4 @@ def selective_backprop(self:Learner,
                        seed:int|None=None, # Seed of the callback's random generator
                        **kwargs) -> Learner:
     "Keep each sample with probability (loss percentile) ** `beta` (Selective-Backprop)"
-    return _use_hard_miner(self, SelectiveBackpropCallback(beta, history_size, seed, **kwargs))
+    return replace_callback(self, SelectiveBackpropCallback(beta, history_size, seed, **kwargs), HardMiningCallback)

@@ -5,11 +5,11 @@
 # %% ../nbs/06_fill_queue.ipynb #c003
 from __future__ import annotations
 import torch
-import torch.distributed as dist
 from .core import batch_size, subset_batch, concat_batches
+from .fitting import across_processes
 
 # %% auto #0
-__all__ = ['FillQueue', 'all_processes_agree']
+__all__ = ['FillQueue', 'TrainAtOnce', 'FillBatches']
 
 # %% ../nbs/06_fill_queue.ipynb #c005
 class FillQueue:
@@ -45,11 +45,35 @@ class FillQueue:
         self.push(subset_batch(batch, slice(bs, None)))
         return subset_batch(batch, slice(None, bs))
 
-def all_processes_agree(flag:bool, # This process's answer
-                        device=None, # Device of the collective's tensor (the training device for NCCL)
-                       ) -> bool:
-    "True if `flag` is true on every process of the distributed run (just `flag` outside one)"
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return flag
-    t = torch.tensor(int(flag), device=device if dist.get_backend() == 'nccl' else 'cpu')
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+# %% ../nbs/06_fill_queue.ipynb #n0d73b609
+class TrainAtOnce:
+    "Each batch's kept samples train in that batch: nothing waits (the counterpart of `FillBatches`)"
+    waiting = 0
+    def clear(self): pass
+    def take(self, batch, last:bool=False, device=None): return batch
+    def with_whole(self, batch): return batch
+
+class FillBatches:
+    "Kept samples wait until they fill a batch of the loader's size, which then trains (Selective-Backprop's `fill_batch`)"
+    def __init__(self, bs:int): # Samples in a full training batch: the loader's batch size
+        self.queue, self.bs = FillQueue(), bs
+
+    @property
+    def waiting(self) -> int: return len(self.queue)
+    def clear(self): self.queue.clear()
+
+    def take(self,
+             batch, # The kept samples of this loader batch, `(xb, yb, ids)`
+             last:bool=False, # The epoch's last loader batch: whatever waits trains now
+             device=None, # Device of the all-reduce under NCCL
+            ):
+        "The batch to train now, or None while the waiting samples fill none (decided alike by every DDP process)"
+        self.queue.push(batch)
+        if not across_processes(self.queue.ready(self.bs, last), 'min', device): return None
+        return self.queue.pop(self.bs, last)
+
+    def with_whole(self, batch): # A loader batch trained whole, `(xb, yb, ids)`
+        "`batch` with every waiting sample in front of it, so that none is left untrained"
+        if not self.waiting: return batch
+        self.queue.push(batch)
+        return self.queue.pop(self.bs, last=True)

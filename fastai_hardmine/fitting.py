@@ -54,11 +54,12 @@ def needs_callback(learn:Learner, # The Learner
 
 def check_only(cb, # The callback starting a fit
                cls:type, # The kind of which a Learner takes one
+               kind:str|None=None, # What to call that kind in the error; default: the class name
               ):
     "Raise `ValueError` if `cb`'s Learner holds another callback of type `cls`"
     others = [o for o in cb.learn.cbs if isinstance(o, cls) and o is not cb]
     if others:
-        raise ValueError(f"A Learner takes one {cls.__name__}, got {type(cb).__name__} and "
+        raise ValueError(f"A Learner takes one {kind or cls.__name__}, got {type(cb).__name__} and "
                          f"{', '.join(type(o).__name__ for o in others)}: remove all but one")
 
 def replace_callback(learn:Learner, # The Learner

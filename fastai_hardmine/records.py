@@ -4,11 +4,12 @@
 
 # %% ../nbs/07_records.ipynb #c003
 from __future__ import annotations
+from typing import NamedTuple
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['kept_loss_share', 'MiningRecords']
+__all__ = ['kept_loss_share', 'BatchSelection', 'MiningRecords']
 
 # %% ../nbs/07_records.ipynb #c005
 def kept_loss_share(losses:Tensor, # Per-sample losses of the batch, detached
@@ -17,6 +18,33 @@ def kept_loss_share(losses:Tensor, # Per-sample losses of the batch, detached
     "Share of the batch's total loss carried by the samples `idx` (1 for a batch whose total is 0), on the losses' device"
     total = losses.sum()
     return torch.where(total > 0, losses[idx].sum() / total, losses.new_ones(()))
+
+class BatchSelection(NamedTuple):
+    "What a rule chose in one training batch: the losses it chose from, the samples it kept, and what scoring them left"
+    size: int # Samples in the loader's batch
+    idx: Tensor|None # Positions of the kept samples in the batch, ascending; None: the whole batch, unscored
+    losses: Tensor # Per-sample losses the rule chose from, detached (empty for a batch trained whole)
+    n_scored: int = 0 # Samples the no-grad scoring forward ran on
+    ids: Tensor|None = None # Dataset indices of the batch's samples, when the per-sample store is in use
+    pred: object = None # The scoring forward's prediction, when it saw the whole batch
+    reached: dict|None = None # The hidden state each recurrent module reached in the scoring forward
+
+    @classmethod
+    def whole(cls, size:int, device=None, ids:Tensor|None=None):
+        "A batch trained as it is, with no scoring and no per-sample loss"
+        return cls(size, None, torch.zeros(0, device=device), ids=ids)
+
+    @property
+    def n_kept(self) -> int: return self.size if self.idx is None else len(self.idx)
+
+    @property
+    def kept_ids(self) -> Tensor|None:
+        "Dataset indices of the kept samples (None without the store)"
+        return self.ids if self.ids is None or self.idx is None else self.ids[self.idx]
+
+    def loss_share(self) -> Tensor:
+        "Share of the batch's loss carried by the kept samples, a 0-d tensor on the losses' device (1 for a whole batch)"
+        return self.losses.new_ones(()) if self.idx is None else kept_loss_share(self.losses, self.idx)
 
 class MiningRecords:
     "Per training batch since the fit started: its size, the samples kept, scored and trained, and the kept share of its loss"
@@ -38,25 +66,15 @@ class MiningRecords:
         self._batch_losses = []
         self.epoch_losses = []
 
-    def __len__(self): return len(self._sizes)
-
     def add(self,
-            size:int, # Samples in the loader's batch
-            kept:int, # Samples the rule kept
-            scored:int, # Samples the no-grad scoring forward ran on
+            selection:BatchSelection, # What the rule chose in the batch
             trained:int, # Samples fastai's forward and backward ran on
-            loss_share:Tensor, # Kept share of the batch's loss, a 0-d tensor on the training device
            ):
-        "Record one training batch"
-        self._sizes.append(size); self._kept.append(kept); self._scored.append(scored); self._trained.append(trained)
-        self._shares.append(loss_share)
-
-    def add_losses(self,
-                   losses:Tensor, # The batch's per-sample losses the rule selected from, detached
-                   idx:Tensor, # Indices of the samples it kept
-                  ):
-        "Keep a scored batch's losses for the epoch's loss histograms (references only: nothing is copied or synced)"
-        if self.max_losses: self._batch_losses.append((losses, idx))
+        "Record one training batch, and keep a selecting batch's losses for the loss histograms (references only: no copy, no sync)"
+        s = selection
+        self._sizes.append(s.size); self._kept.append(s.n_kept); self._scored.append(s.n_scored); self._trained.append(trained)
+        self._shares.append(s.loss_share())
+        if self.max_losses and s.idx is not None: self._batch_losses.append((s.losses, s.idx))
 
     def end_epoch(self):
         "Close the epoch: its loss shares stacked on their device, its losses (at most `max_losses`) moved to the CPU once"

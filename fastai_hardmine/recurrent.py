@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['recurrent_modules', 'carried_state_modules', 'unknown_state_modules', 'recurrent_state_kept', 'RecurrentRows']
+__all__ = ['recurrent_modules', 'carried_state_modules', 'unknown_state_modules', 'recurrent_state_kept', 'check_state_kept',
+           'RecurrentRows']
 
 # %% ../nbs/09_recurrent.ipynb #c005
 def recurrent_modules(model) -> list:
@@ -52,6 +53,23 @@ def recurrent_state_kept(model, # A `torch.nn.Module`
             # a forward assigns a new `hidden` list of new tensors: the old ones are intact
             m.hidden, m.bs = hidden, bs
 
+def check_state_kept(model, # The training model
+                     carried:list, # `carried_state_modules(model)`
+                     mixes_batches:bool, # Whether an option trains rows of different batches together or skips rows' forwards
+                     name:str, # The callback, named in the errors
+                    ):
+    "Refuse a model whose state across batches a subset step's scoring forward, or its options, cannot keep"
+    if carried and mixes_batches:
+        raise ValueError(f"{name}: `fill_batch` and `staleness` cannot keep the hidden state of {type(carried[0]).__name__}, "
+                         f"which carries each batch row's state to the next batch (they train rows of different batches "
+                         f"together, or skip rows' forwards): use fill_batch=False and staleness=0, or mode='mask'")
+    unknown = unknown_state_modules(model)
+    if unknown:
+        raise ValueError(f"{name}: {type(unknown[0]).__name__} has a `reset` method, fastai's mark of a module that keeps a "
+                         f"state across batches, and the scoring forward of mode='subset' cannot put that state back: it "
+                         f"puts back buffers and the `hidden`/`bs` state of AWD_LSTM-like modules only. Use mode='mask', "
+                         f"which runs no scoring forward.")
+
 # %% ../nbs/09_recurrent.ipynb #c006
 def _resize_rows(t:Tensor, n:int) -> Tensor:
     "A hidden-state tensor (rows on dim 1) cut or zero-padded to `n` rows, as `AWD_LSTM` does for a new batch size"
@@ -62,6 +80,10 @@ class RecurrentRows:
     "Trains some rows of a batch from their own hidden state, then carries every row on to the next batch"
     def __init__(self, modules:list): # The modules whose state carries across batches (`carried_state_modules`)
         self.modules, self.rows = modules, None
+
+    def new_batch(self):
+        "A new loader batch: no rows trained from their own state yet"
+        self.rows = None
 
     def train(self,
               idx:Tensor, # The rows about to be trained

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from fastai.learner import load_learner
 from fastai_hardmine.callback import TopKCallback, BatchLossFilterCallback, SelectiveBackpropCallback
+from fastai_hardmine.steps import PlainStep
 from test_callback import make_learner, digits, mlp_bn
 from test_subset import one_thread  # noqa: F401 (fixture)
 
@@ -36,7 +37,8 @@ def test_export_keeps_settings_not_run_state(name, tmp_path):
         assert len(miner.kept) > 0 and (miner.store is not None) == ('staleness' in name)
         loaded = load_learner(tmp_path/'with.pkl').hard_miner
         assert type(loaded) is type(miner) and loaded.mode == miner.mode and len(loaded.kept) == 0
-        assert loaded.store is None and len(loaded.queue) == 0
+        # a fit's run state (records, store, queue) is made afresh: the step of a miner that has not started a fit
+        assert loaded.store is None and type(loaded.batch_step) is PlainStep
         for attr in ('k', 'min_loss_perc', 'min_sample_perc', 'beta', 'seed', 'staleness', 'fill_batch'):
             assert getattr(loaded, attr, None) == getattr(miner, attr, None)
         if isinstance(miner, SelectiveBackpropCallback):
@@ -109,16 +111,17 @@ def test_export_of_a_language_model_miner_holds_no_hidden_state(tmp_path):
     learn = lm_learner(TopKCallback(3))
     learn.fit(1, 1e-2, cbs=GradientAccumulation(16))
     miner = learn.hard_miner
-    assert miner._reached and miner._rows.modules
+    step = miner.batch_step
+    assert step.current[0].reached and step.rows.modules and step.accumulation.accumulators
     state = miner.__getstate__()
-    assert not {'_reached', '_rows', '_stateful', '_accumulation', 'records', 'store'} & set(state)
+    assert not {'batch_step', 'records', 'store'} & set(state)
     # unpickled, the callback starts with a fit's state made afresh
     loaded = type(miner).__new__(type(miner))
     # without the Learner and the progress-table companion (`EpochColumns`, which holds the Learner too): a real export
     # pickles both anyway, and `test_export_keeps_settings_not_run_state` measures the whole difference a miner makes
     own = {k: v for k, v in state.items() if k not in ('learn', '_learn', '_columns')}
     loaded.__setstate__(pickle.loads(pickle.dumps(own)))
-    assert loaded._reached == {} and loaded._rows.modules == [] and loaded._stateful == []
-    assert loaded._accumulation.accumulators == [] and len(loaded.records.kept) == 0 and loaded.k == miner.k
+    assert type(loaded.batch_step) is PlainStep and loaded.store is None
+    assert len(loaded.records.kept) == 0 and loaded.k == miner.k
     # (this hand-built LM's loaders cannot be exported by fastai itself: the callback's own state is measured instead)
     assert len(pickle.dumps(own)) < 1536

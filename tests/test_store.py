@@ -4,7 +4,9 @@ import pytest
 import torch
 from fastai_hardmine.store import SampleStore, NEVER
 from fastai_hardmine.fill_queue import FillQueue
-from fastai_hardmine.records import MiningRecords, kept_loss_share
+from fastai_hardmine.records import MiningRecords, BatchSelection
+from fastai_hardmine.counting import NoCounts
+from fastai_hardmine.fitting import min_train_rows
 from fastai_hardmine.callback import SelectiveBackpropCallback
 from test_callback import make_learner, digits, mlp_bn, Recording
 from test_subset import tabular_learner, two_target_loss, TrainedBatches, one_thread  # noqa: F401 (fixture)
@@ -87,7 +89,7 @@ def test_store_counts_follow_the_samples(fill_batch, drop_last):
     for e in range(epochs):
         for ids, kept_ids in cb.log[e * n_batches:(e + 1) * n_batches]:
             stale = [i for i in ids.tolist() if i not in last or last[i] < e - 1]
-            if 0 < len(stale) < cb._min_rows: stale = ids.tolist()
+            if 0 < len(stale) < min_train_rows(cb.learn.model): stale = ids.tolist()
             for i in stale: expected[i] += 1; last[i] = e
             for i in kept_ids.tolist(): last[i] = e
     assert torch.equal(store.times_scored, expected)
@@ -110,7 +112,7 @@ def test_store_sized_once_per_fit_from_the_data_set():
 def test_no_store_without_an_option_that_needs_it():
     learn = make_learner(cbs=SelectiveBackpropCallback(2, seed=0))
     learn.fit(1, 1e-2)
-    assert learn.hard_miner.store is None and learn.hard_miner.batch_indices is None
+    assert learn.hard_miner.store is None and isinstance(learn.hard_miner.batch_step.counts, NoCounts)
 
 # ---------------------------------------------------------------------------------------------------------------
 # FillQueue against a slow reference
@@ -139,7 +141,7 @@ def test_fill_queue_matches_reference(bs):
 def test_records_shares_survive_epochs():
     rec = MiningRecords()
     for e in range(3):
-        for b in range(4): rec.add(8, b + 1, 8, b + 1, kept_loss_share(torch.arange(8.), torch.arange(b + 1)))
+        for b in range(4): rec.add(BatchSelection(8, torch.arange(b + 1), torch.arange(8.), 8), trained=b + 1)
         rec.end_epoch()
     expected = [sum(range(b + 1)) / 28 for b in range(4)] * 3
     assert rec.kept_loss_share.tolist() == pytest.approx(expected)
