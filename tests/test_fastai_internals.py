@@ -318,7 +318,7 @@ def test_mixed_precision_keeps_its_autocast_for_the_fit():
         learn.fit(1)
     mp = next(cb for cb in learn.cbs if isinstance(cb, MixedPrecision))
     assert seen and all(seen) and mp.autocast is None and MixedPrecision.order == 10, changed(
-        "`MixedPrecision.autocast` or `MixedPrecision.order`", 'fastai_hardmine.callback (HardMiningCallback._autocast)',
+        "`MixedPrecision.autocast` or `MixedPrecision.order`", 'fastai_hardmine.scorers (ModelScorer.autocast)',
         "the scoring forward runs in the fit's autocast, which `MixedPrecision` keeps as `.autocast` during a fit")
 
 def test_after_pred_rewrites_learn_pred():
@@ -327,7 +327,7 @@ def test_after_pred_rewrites_learn_pred():
     out = torch.randn(2, 3)
     learn.pred = (out, [torch.zeros(1)], [torch.ones(1)])
     msg = lambda relies: changed("`Callback.after_pred` of `RNNCallback`/`MixedPrecision`, or `Learner.pred`",
-                                 'fastai_hardmine.scoring (pred_transforms, replay_after_pred)', relies)
+                                 'fastai_hardmine.scoring (pred_transforms, replay_after_pred), used by fastai_hardmine.scorers', relies)
     assert 'pred' in learn.__dict__, msg("it sets `learn.pred` for a replay and puts the Learner's own back through `__dict__`")
     learn.rnn.after_pred()
     assert learn.pred is out, msg("replaying `RNNCallback.after_pred` turns the model's tuple into the prediction")
@@ -340,6 +340,39 @@ def test_after_pred_rewrites_learn_pred():
     assert getattr(Callback, 'after_pred', None) is None and not [c for c in defaults if getattr(c, 'after_pred', None)], msg(
         "only a callback class that defines `after_pred` has one: fastai's base and default callbacks do not")
     assert TrainEvalCallback in defaults, msg("the default callbacks include `TrainEvalCallback`")
+
+def test_callbacks_run_in_the_order_they_have_at_each_event():
+    "The Learner sorts its callbacks by `order` at every event: an order changed in `before_fit` holds from the next event on"
+    ran = []
+    class Early(Callback):
+        order = 20
+        def before_fit(self): self.order = -5   # as the miner moves before MixUp/CutMix
+        def before_batch(self): ran.append('early')
+    class Mixer(Callback):
+        order = 0
+        def before_batch(self): ran.append('mixer')
+    learn = quiet(synth_learner(n_trn=1, cbs=[Early(), Mixer()]))
+    learn.fit(1)
+    assert ran[:2] == ['early', 'mixer'], changed(
+        "`Learner._call_one` (callbacks sorted by `order` at each event)", 'fastai_hardmine.callback (HardMiningCallback.before_fit)',
+        f"subset mode moves the miner before MixUp/CutMix in `before_fit`: got {ran[:2]}")
+
+class RunState(Callback):
+    "A callback with a setting and a run state, as the miners have (module level, so that it pickles)"
+    _stateattrs = ('run',)
+    def __init__(self): self.setting, self.run = 3, None
+    def _init_state(self): self.run = 'fresh'
+
+def test_callback_pickling_leaves_out_its_stateattrs():
+    "A fastai `Callback` (fastcore's `Stateful`) pickles without its `_stateattrs` and runs `_init_state` when it loads"
+    import pickle
+    cb = RunState()
+    cb.run = 'what a fit made'
+    back = pickle.loads(pickle.dumps(cb))
+    assert 'run' not in cb.__getstate__() and back.setting == 3 and back.run == 'fresh', changed(
+        "`Callback`'s pickling (fastcore `Stateful`: `_stateattrs`, `_init_state`)",
+        'fastai_hardmine.callback (HardMiningCallback) and fastai_hardmine.prune (InfoBatchCallback)',
+        "`learn.export()` pickles the callbacks without what a fit made, which `_init_state` makes afresh on loading")
 
 def test_callback_call_reraises_the_same_exception():
     "`Callback.__call__` re-raises the exception object it caught, with its message replaced"
