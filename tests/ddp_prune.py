@@ -30,11 +30,11 @@ def main(out, bs):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     # each process's own batch count before the processes agree, to show that they did need to
-    local, agree = [], prune.most_batches
-    def recording(n, device=None):
-        local.append(n)
-        return agree(n, device)
-    prune.most_batches = recording
+    local, agree = [], prune.across_processes
+    def recording(value, op='min', device=None):
+        local.append(value)
+        return agree(value, op, device)
+    prune.across_processes = recording
     xt, yt, xv, yv = digits_data(seed=0)
     xt, yt = xt[rank::world], yt[rank::world]
     torch.manual_seed(0)  # same initial weights on every process (DDP also broadcasts them)

@@ -2,7 +2,6 @@
 import copy, math
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
 from fastcore.test import test_close as close
 from fastai.torch_core import set_seed
@@ -13,8 +12,9 @@ from fastai.callback.data import WeightedDL
 from fastai.callback.mixup import MixUp
 from fastai.callback.training import GradientAccumulation
 from fastai.callback.schedule import fit_one_cycle, lr_find, combined_cos  # noqa: F401 (patch Learner)
-from fastai_hardmine import prune
-from fastai_hardmine.prune import InfoBatchCallback, below_mean, pruned_count, prune_epoch, loader_batches
+from fastai_hardmine import pruning
+from fastai_hardmine.prune import InfoBatchCallback
+from fastai_hardmine.pruning import below_mean, pruned_count, prune_epoch, plan_epoch
 from fastai_hardmine.callback import TopKCallback
 from fastai_hardmine.data import tensor_dls
 from test_callback import make_dls, digits, mlp, mlp_bn, quiet, state, one_thread  # noqa: F401 (fixture)
@@ -65,6 +65,92 @@ def test_planted_losses_skip_a_share_r_of_the_below_mean_samples():
     assert (skipped[len(expected):] == 0).all()
     share = skipped[:len(expected)] / draws
     close(share.mean().item(), 149 / 495); assert ((share - 0.3).abs() < 0.15).all()
+
+# ten samples, sample 9 never measured (its 0 is no loss): the mean of the others is 40.5 / 9 = 4.5, so the candidates
+# are the odd-loss samples 0, 2, 4, 6, 8 and the others are 1, 3, 5, 7, 9
+TEN = torch.tensor([1., 9., 2., 8., 3., 7., 4., 6., .5, 0.]), torch.arange(10) < 9
+OTHERS = [1, 3, 5, 7, 9]
+
+def plan(bs, prune_ratio=0.9, drop_last=False, min_rows=1, agreed_batches=None, seed=0, shuffle=False):
+    return plan_epoch(*TEN, 10, bs, drop_last, prune_ratio, torch.Generator().manual_seed(seed), shuffle, min_rows,
+                      agreed_batches)
+
+def test_plan_epoch_hand_computed():
+    # 0.9 of 5 candidates rounds to all 5: the epoch trains the 5 others, unweighted (no kept candidate to weigh up)
+    p = plan(3)
+    assert p.n_kept == 5 and p.order.tolist() == OTHERS and p.weights.tolist() == [1.] * 10
+    # in batches of 4 those 5 leave a last batch of one: with BatchNorm's 2 rows one candidate stays, weighed by 5/1
+    p = plan(4, min_rows=2)
+    extra = sorted(set(p.order.tolist()) - set(OTHERS))
+    assert p.n_kept == 6 and len(extra) == 1 and extra[0] in (0, 2, 4, 6, 8) and set(OTHERS) < set(p.order.tolist())
+    assert p.weights[extra].item() == 5. and p.weights.sum().item() == 9 + 5
+    assert plan(4, min_rows=1).n_kept == 5
+    # another process runs 3 batches of 3: 7 samples make them, so 2 candidates stay, each weighed by 5/2
+    p = plan(3, agreed_batches=3)
+    assert p.n_kept == 7 and sorted(p.weights[p.order].tolist()) == [1.] * 5 + [2.5] * 2
+    # ... 4 batches take all 10 (the loader itself: no plan); 5 are more than this process has
+    assert plan(3, agreed_batches=4) is None
+    with pytest.raises(RuntimeError, match="This process's training loader has 4 batches, fewer than another process's"):
+        plan(3, agreed_batches=5)
+    # dropping the last partial batch: 5 kept make one batch; another process's 3 batches take 9 samples
+    assert plan(3, drop_last=True).n_kept == 5 and plan(3, drop_last=True, agreed_batches=3).n_kept == 9
+    assert plan(4, drop_last=True, min_rows=2).n_kept == 5  # no partial batch trains, so BatchNorm adds none
+    # the count to agree on is asked for with this process's own count (2 batches of 3), once per plan
+    asked = []
+    assert plan(3, agreed_batches=lambda b: asked.append(b) or b).n_kept == 5 and asked == [2]
+    # nothing to skip: no plan
+    assert plan(3, prune_ratio=0.) is None
+
+def reference_plan(losses, measured, n, bs, drop_last, prune_ratio, seed, shuffle, min_rows, agreed):
+    "The plan, counted by brute force: the loader's batches listed, kept counts tried one by one"
+    gen = torch.Generator().manual_seed(seed)
+    cand = below_mean(losses[:n], measured[:n], gen).tolist()
+    def batch_sizes(k):
+        sizes = [len(range(k)[i:i + bs]) for i in range(0, k, bs)]
+        return [s for s in sizes if s == bs] if drop_last else sizes
+    k = n - round_half_up(prune_ratio * len(cand))
+    mine = len(batch_sizes(k))
+    target = mine if agreed is None else agreed
+    while len(batch_sizes(k)) < target:
+        k += 1
+        if k > n: return RuntimeError
+    # a partial last batch gets samples up to `min_rows` (a batch size under `min_rows` is no fault of pruning's)
+    while not drop_last and k < n and batch_sizes(k) and batch_sizes(k)[-1] < min(bs, min_rows): k += 1
+    if k == n: return None
+    skipped, kept_cand = cand[:n - k], cand[n - k:]
+    order = torch.tensor([i for i in range(n) if i not in skipped])
+    if shuffle: order = order[torch.randperm(len(order), generator=gen)]
+    weights = [len(cand) / len(kept_cand) if i in kept_cand and skipped and kept_cand else 1. for i in range(n)]
+    return order, k, torch.tensor(weights)
+
+def round_half_up(x): return math.floor(x + 0.5)
+
+def test_plan_epoch_matches_a_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    checked = {'plan': 0, 'none': 0, 'error': 0}
+    for trial in range(400):
+        n = int(torch.randint(1, 40, (), generator=g)); size = n + int(torch.randint(0, 3, (), generator=g))
+        losses = torch.rand(size, generator=g)
+        measured = torch.rand(size, generator=g) < 0.8
+        bs, drop_last = int(torch.randint(1, 9, (), generator=g)), bool(torch.rand((), generator=g) < 0.3)
+        ratio, shuffle = float(torch.rand((), generator=g)) * 0.99, bool(torch.rand((), generator=g) < 0.5)
+        min_rows = int(torch.randint(1, 3, (), generator=g))
+        agreed = None if trial % 3 == 0 else int(torch.randint(0, n // bs + 3, (), generator=g))
+        ref = reference_plan(losses, measured, n, bs, drop_last, ratio, trial, shuffle, min_rows, agreed)
+        def run(): return plan_epoch(losses, measured, n, bs, drop_last, ratio, torch.Generator().manual_seed(trial),
+                                     shuffle, min_rows, agreed)
+        if ref is RuntimeError:
+            with pytest.raises(RuntimeError, match='fewer than another'): run()
+            checked['error'] += 1
+        elif ref is None:
+            assert run() is None
+            checked['none'] += 1
+        else:
+            p = run()
+            assert p.n_kept == ref[1] and p.order.tolist() == ref[0].tolist()
+            close(p.weights, ref[2])
+            checked['plan'] += 1
+    assert min(checked.values()) > 20, checked
 
 class Plant(Callback):
     "Writes a planted loss table into the pruner's store at the end of epoch 0"
@@ -238,7 +324,7 @@ def test_pruned_epochs_train_each_kept_sample_once_on_both_loaders(loader):
 
 def test_no_batch_of_one_with_batchnorm(monkeypatch):
     # force a kept count that leaves one sample in the last batch: 1408 = 22 * 64, so keep 1409
-    monkeypatch.setattr(prune, 'pruned_count', lambda n, r: min(n, N - 1409))
+    monkeypatch.setattr(pruning, 'pruned_count', lambda n, r: min(n, N - 1409))
     learn = learner(model_fn=mlp_bn).info_batch(0.5, seed=0)
     learn.fit(3, 1e-2)
     assert learn.info_batch_pruner.kept.tolist() == [N, 1410, N]
