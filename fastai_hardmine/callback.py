@@ -23,6 +23,7 @@ from . import scoring
 from .fitting import in_lr_find, seeded_generator, find_callback, check_only, replace_callback
 from .steps import PlainStep, make_step
 from .columns import ReportsEpochColumns
+from .records import ReadsRecords
 
 # %% auto #0
 __all__ = ['MODES', 'DEFAULT_BUCKETS', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback',
@@ -47,7 +48,7 @@ def _check_subset_only(mode:str, **options):
         if used: raise ValueError(f"`{name}` {does}; mode={mode!r} trains the whole batch after fastai's forward and runs no "
                                   f"scoring forward: use mode='subset', or leave `{name}` at its default")
 
-class HardMiningCallback(ReportsEpochColumns, Callback):
+class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
     "Base of the hard-mining callbacks: trains each batch on the samples that `select` keeps"
     # mask mode: before every callback that changes the `loss_grad` this callback sets (`RNNRegularizer` adds
     # to it, `GradientAccumulation` rescales it, user callbacks at the default order 0 may do either)
@@ -118,7 +119,7 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
     def reset(self):
         "Forget what earlier fits recorded (called when a fit starts training): a subclass's extension point"
 
-    records = property(lambda self: self.batch_step.records, doc="The `MiningRecords` of the last fit")
+    records = property(lambda self: self.batch_step.records, doc="The `MiningRecords` of the last fit (see `ReadsRecords`)")
     store = property(lambda self: self.batch_step.counts and self.batch_step.counts.store,
                      doc="The per-sample `SampleStore` of the last fit, when `staleness` or `track_samples` kept one; else None")
 
@@ -189,21 +190,6 @@ class HardMiningCallback(ReportsEpochColumns, Callback):
         "The `buckets` in effect: 0 where the kept count needs no rounding (`fill_batch`, a fixed count)"
         if self.fill_batch or self.fixed_count: return 0
         return DEFAULT_BUCKETS if self.buckets is None else self.buckets
-
-    # the records, read through the callback: tensors on the CPU, one entry per training batch since `fit` started
-    batch_sizes = property(lambda self: self.records.batch_sizes, doc="Size of each training batch")
-    kept = property(lambda self: self.records.kept, doc="Number of samples kept in each training batch")
-    scored = property(lambda self: self.records.scored,
-                      doc="Samples of each training batch forwarded by the no-grad scoring pass (0 in mask mode and for stored losses)")
-    trained = property(lambda self: self.records.trained,
-                       doc="Samples fastai's training forward and backward ran on in each training batch (0 when `fill_batch` deferred it)")
-    kept_loss_share = property(lambda self: self.records.kept_loss_share,
-                               doc="Share of each training batch's total loss carried by the kept samples")
-    kept_share = property(lambda self: self.records.kept_share, doc="Share of the samples kept in each training batch")
-
-    def mean_kept_share(self) -> float:
-        "Share of all training samples seen since the start of `fit` that were kept"
-        return self.records.mean_kept_share()
 
 # %% ../nbs/01_callback.ipynb #c009
 class BatchLossFilterCallback(HardMiningCallback):

@@ -15,6 +15,8 @@ from fastai.learner import Learner
 from .callback import HardMiningCallback, SelectiveBackpropCallback
 from .prune import InfoBatchCallback
 from .batch_indices import loader_with_order
+from .fitting import find_callback, needs_callback
+from .core import check_count
 
 # %% auto #0
 __all__ = ['smoothed', 'realised_keep_rate', 'precision_recall_at_k']
@@ -123,35 +125,29 @@ def plot_pruned(self:InfoBatchCallback,
     return fig
 
 # %% ../nbs/19_diagnostics.ipynb #c031
-def _needs(learn:Learner, cls:type, what:str):
-    cb = next((c for c in learn.cbs if isinstance(c, cls)), None)
-    if cb is None:
-        raise ValueError(f"`learn.{what}` needs a {cls.__name__} in the Learner (see its Learner method), and there is none")
-    return cb
-
 @patch
 def plot_kept(self:Learner, **kwargs) -> plt.Figure:
     "`HardMiningCallback.plot_kept` of the Learner's miner"
-    return _needs(self, HardMiningCallback, 'plot_kept').plot_kept(**kwargs)
+    return needs_callback(self, HardMiningCallback, 'plot_kept').plot_kept(**kwargs)
 
 @patch
 def plot_loss_histograms(self:Learner, **kwargs) -> plt.Figure:
     "`HardMiningCallback.plot_loss_histograms` of the Learner's miner"
-    return _needs(self, HardMiningCallback, 'plot_loss_histograms').plot_loss_histograms(**kwargs)
+    return needs_callback(self, HardMiningCallback, 'plot_loss_histograms').plot_loss_histograms(**kwargs)
 
 @patch
 def plot_selection_probability(self:Learner, **kwargs) -> plt.Figure:
     "`SelectiveBackpropCallback.plot_selection_probability` of the Learner's Selective-Backprop"
-    return _needs(self, SelectiveBackpropCallback, 'plot_selection_probability').plot_selection_probability(**kwargs)
+    return needs_callback(self, SelectiveBackpropCallback, 'plot_selection_probability').plot_selection_probability(**kwargs)
 
 @patch
 def plot_pruned(self:Learner, **kwargs) -> plt.Figure:
     "`InfoBatchCallback.plot_pruned` of the Learner's InfoBatch"
-    return _needs(self, InfoBatchCallback, 'plot_pruned').plot_pruned(**kwargs)
+    return needs_callback(self, InfoBatchCallback, 'plot_pruned').plot_pruned(**kwargs)
 
 # %% ../nbs/19_diagnostics.ipynb #c034
 def _store(learn:Learner, what:str):
-    miner = next((c for c in learn.cbs if isinstance(c, HardMiningCallback)), None)
+    miner = find_callback(learn, HardMiningCallback)
     if miner is None or not miner.track_samples or miner.store is None:
         raise ValueError(f"`learn.{what}` needs the per-sample counts of a miner added with track_samples=True, e.g. "
                          f"`learn.batch_loss_filter(track_samples=True)`, and a fit since")
@@ -163,7 +159,7 @@ def hardest_indices(self:Learner,
                    ) -> Tensor:
     "Training-set indices of the `n` samples the miner kept most often in the last fit (ties: higher last loss first)"
     store = _store(self, 'hardest_indices')
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"`n` must be an int >= 1, got {n!r}")
+    n = check_count('n', n, 1)
     by_loss = torch.argsort(store.loss, descending=True, stable=True)
     order = by_loss[torch.argsort(store.times_kept[by_loss], descending=True, stable=True)]
     return order[:n].cpu()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['kept_loss_share', 'BatchSelection', 'MiningRecords']
+__all__ = ['kept_loss_share', 'BatchSelection', 'MiningRecords', 'ReadsRecords']
 
 # %% ../nbs/07_records.ipynb #c005
 def kept_loss_share(losses:Tensor, # Per-sample losses of the batch, detached
@@ -145,3 +145,21 @@ class MiningRecords:
     def mean_kept_share(self) -> float:
         "Share of all the training samples recorded that were kept"
         return sum(self._kept) / max(1, sum(self._sizes))
+
+# %% ../nbs/07_records.ipynb #n71a5b685
+class ReadsRecords:
+    "Mixin of a callback with `records` (a `MiningRecords`): its figures as the callback's own properties"
+    # tensors on the CPU, one entry per training batch since `fit` started
+    batch_sizes = property(lambda self: self.records.batch_sizes, doc="Size of each training batch")
+    kept = property(lambda self: self.records.kept, doc="Number of samples kept in each training batch")
+    scored = property(lambda self: self.records.scored,
+                      doc="Samples of each training batch forwarded by the no-grad scoring pass (0 in mask mode and for stored losses)")
+    trained = property(lambda self: self.records.trained,
+                       doc="Samples fastai's training forward and backward ran on in each training batch (0 when `fill_batch` deferred it)")
+    kept_loss_share = property(lambda self: self.records.kept_loss_share,
+                               doc="Share of each training batch's total loss carried by the kept samples")
+    kept_share = property(lambda self: self.records.kept_share, doc="Share of the samples kept in each training batch")
+
+    def mean_kept_share(self) -> float:
+        "Share of all training samples seen since the start of `fit` that were kept"
+        return self.records.mean_kept_share()
