@@ -1,6 +1,6 @@
 """Diagnostics: the `kept` column in fastai's progress table and loggers, the train metrics of deferred batches, the
 per-sample counts behind `hardest_indices`/`show_hardest` for images, tabular rows and text, and the mislabeled-sample
-finder measured against chance. The plots' data is checked in nbs/19_diagnostics.ipynb."""
+finder measured against chance. The plots' data is checked in nbs/03_diagnostics.ipynb."""
 import math
 import matplotlib
 matplotlib.use('Agg')
@@ -171,7 +171,7 @@ def test_show_hardest_tabular_rows_and_text(reviews):
     assert table['target'].tolist() == [int(dls.train_ds[i][1]) for i in table['index']]
 
 # ---------------------------------------------------------------------------------------------------------------
-# the plots' data (the pictures themselves are on the diagnostics page, nbs/19_diagnostics.ipynb)
+# the plots' data (the pictures themselves are on the diagnostics page, nbs/03_diagnostics.ipynb)
 
 @pytest.fixture(scope='module')
 def filtered():

@@ -5,7 +5,7 @@
                                    # no traceback; screenshots in _docs_check/
     python tools/docs.py serve     # build, then serve _docs/ on http://localhost:8000
     python tools/docs.py run NB    # run a notebook and save the outputs its page shows (plots, tables), for the pages
-                                   # whose examples are too slow to run at each build (nbs/19_diagnostics.ipynb)
+                                   # whose examples are too slow to run at each build (nbs/03_diagnostics.ipynb)
 
 The build starts from nbdev's own processing of the notebooks (`nbdev.serve.proc_nbs`: hidden cells dropped, `show_doc`
 rendered, cross-links made), as `nbdev-docs` does before Quarto renders. Quarto cannot be installed from the package
@@ -312,7 +312,7 @@ def main():
     p.add_argument('notebook', nargs='?', help="the notebook to run (command 'run')")
     args = p.parse_args()
     if args.command == 'run':
-        if not args.notebook: p.error("run: which notebook? e.g. python tools/docs.py run nbs/19_diagnostics.ipynb")
+        if not args.notebook: p.error("run: which notebook? e.g. python tools/docs.py run nbs/03_diagnostics.ipynb")
         run(args.notebook)
     elif args.command == 'build': build()
     elif args.command == 'check': check()
