@@ -4,7 +4,6 @@
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
-from numbers import Integral
 import torch
 from torch import Tensor
 from fastcore.basics import patch
@@ -36,10 +35,9 @@ DEFAULT_BUCKETS = 8
 
 def _check_buckets(buckets) -> int|None:
     if buckets is None: return None
-    if isinstance(buckets, bool) or not isinstance(buckets, Integral) or buckets < 0:
-        raise ValueError(f"`buckets` must be None (the default), 0 (exact kept counts) or an int >= 1 (sizes per batch), "
-                         f"got {buckets!r}")
-    return int(buckets)
+    try: return check_count('buckets', buckets)
+    except ValueError: raise ValueError(f"`buckets` must be None (the default), 0 (exact kept counts) or an int >= 1 (sizes "
+                                        f"per batch), got {buckets!r}") from None
 
 def _check_subset_only(mode:str, **options):
     "Refuse, in mask mode, an option that only subset mode carries out: `name=(in use, what it does)`"

@@ -4,10 +4,10 @@
 
 # %% ../nbs/16_store.ipynb #c003
 from __future__ import annotations
-from numbers import Integral
 from typing import Callable
 import torch
 from torch import Tensor
+from .core import check_count
 
 # %% auto #0
 __all__ = ['NEVER', 'SampleStore']
@@ -21,8 +21,7 @@ class SampleStore:
                  size:int, # Number of dataset items (indices 0 to size-1)
                  device=None, # Device of every field; default: torch's default device
                 ):
-        if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
-            raise ValueError(f"`size` must be an int >= 0 (the number of dataset items), got {size!r}")
+        size = check_count('size', size)
         self.loss = torch.zeros(size, device=device)
         self.measured_at = torch.full((size,), NEVER, dtype=torch.long, device=device)
         # the three counters side by side, so that one `index_add_` counts a sample in several of them
