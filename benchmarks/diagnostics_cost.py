@@ -18,7 +18,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
 from fastai_hardmine.callback import SelectiveBackpropCallback
 from fastai_hardmine.data import TensorDataLoader, IndexedTensors
-from fastai_hardmine.bench_models import ResNet1d
+from fastai_hardmine.bench.models import ResNet1d
 
 class EpochTimer(Callback):
     "Training time of each epoch, the callbacks' `after_train` work included"

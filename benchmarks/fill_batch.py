@@ -8,8 +8,8 @@ over the same one-cycle schedule. Accuracy, not time, is the question here: each
     python benchmarks/fill_batch.py [--sizes 4000,10000] [--epochs 12]
 """
 import argparse
-from fastai_hardmine.bench_data import bench_config
-from fastai_hardmine.bench_run import run_task
+from fastai_hardmine.bench.data import bench_config
+from fastai_hardmine.bench.run import run_task
 
 ARMS = [dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, fill_batch=True), dict(beta=3, fill_batch=True, staleness=1)]
 

@@ -9,8 +9,8 @@ Usage:
     python benchmarks/noise_guard.py [--seeds 3] [--num-samples 4000] [--epochs 12] [--json PATH]
 """
 import argparse, json, statistics
-from fastai_hardmine.bench_data import bench_config
-from fastai_hardmine.bench_run import run_task
+from fastai_hardmine.bench.data import bench_config
+from fastai_hardmine.bench.run import run_task
 
 GUARDS = [0., .05, .1]
 

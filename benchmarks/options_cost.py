@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from fastai_hardmine.callback import TopKCallback, SelectiveBackpropCallback
-from fastai_hardmine.bench_models import ResNet1d
+from fastai_hardmine.bench.models import ResNet1d
 sys.path.insert(0, str(Path(__file__).parent))
 from step_cost import fastai_steps, convnet  # noqa: E402
 

@@ -22,8 +22,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
-from fastai_hardmine.bench_data import mnist1d_data
-from fastai_hardmine.bench_models import ResNet1d
+from fastai_hardmine.bench.data import mnist1d_data
+from fastai_hardmine.bench.models import ResNet1d
 from fastai_hardmine.data import tensor_dls
 import fastai_hardmine.prune  # noqa: F401 (patches Learner.info_batch)
 

@@ -1,16 +1,18 @@
 "The benchmark: tiny runs of every task end to end, the JSON they produce, the comparison with plain fastai's schedules, the command line and the data cache."
-import json, math, statistics
+import json, math, statistics, sys
+import numpy as np
 import pytest
 import torch
 from fastai.losses import CrossEntropyLossFlat
 from fastai_hardmine.data import digits_data
-from fastai_hardmine.bench_data import TASKS, bench_config, budget_epochs, mnist1d_data
-from fastai_hardmine.bench_arms import Arm, budget_arms, task_arms
-from fastai_hardmine.bench_models import mlp
-from fastai_hardmine.bench_run import (run_task, train_arm, time_to_accuracy, fastest_plain, equal_accuracy, rotated,
-                                       median_spread, min_epoch_durations, steady_times, Progress)
-from fastai_hardmine.bench_report import format_task_table, format_noise_note, plot_task
-from fastai_hardmine.bench import main
+from fastai_hardmine.bench.data import TASKS, bench_config, budget_epochs, mnist1d_data
+from fastai_hardmine.bench.tasks import Arm, budget_arms, bench_task
+from fastai_hardmine.bench.models import mlp
+from fastai_hardmine.bench.compare import (time_to_accuracy, fastest_plain, equal_accuracy, rotated, median_spread,
+                                           min_epoch_durations, steady_times)
+from fastai_hardmine.bench.run import run_task, train_arm, Progress
+from fastai_hardmine.bench.report import format_task_table, format_noise_note, plot_task, loss_histogram
+from fastai_hardmine.bench.cli import main
 
 SEEDS, EPOCHS, N_SAMPLES = 2, 2, 1000
 N_TRAIN = int(N_SAMPLES * 0.8)
@@ -161,16 +163,40 @@ def test_kept_shares_and_sample_counts(results, task):
         else: assert s['scored'] == seen
 
 def test_ohem_loss_histogram(results):
-    hist = results[0]['ohem']['loss_histogram']
+    "Each rule's histograms of repeat 0: the losses of its last epoch that it chose from, and those it kept"
+    res = results[0]['ohem']
+    hist = res['loss_histogram']
     # the rules at their full budget
     assert list(hist) == ['128:64', '64:48', '128:16']
     for name, h in hist.items():
         n, k = map(int, name.split(':'))
-        assert (h['n'], h['k']) == (n, k) and sum(h['forwarded']) == n and sum(h['kept']) == k
-        assert len(h['edges']) == len(h['forwarded']) + 1
-        # the kept samples are the highest-loss ones: no forwarded sample above the smallest kept loss is left out
-        cut = next(i for i, e in enumerate(h['edges'][1:]) if e >= h['kept_min_loss'])
-        assert h['kept'][cut + 1:] == h['forwarded'][cut + 1:]
+        run = res['groups'][0]['arms'][name]['runs'][0]
+        # every batch the rule scored, k kept of each; a last batch of at most k trains whole, unscored and unrecorded
+        whole = N_TRAIN % n if N_TRAIN % n <= k else 0
+        assert (h['n'], h['k']) == (N_TRAIN - whole, top_k_trained(n, k) - whole)
+        assert h['n'] * run['epochs'] == run['samples']['scored']
+        assert sum(h['forwarded']) == h['n'] and sum(h['kept']) == h['k']
+        assert len(h['edges']) == len(h['forwarded']) + 1 == len(h['kept']) + 1 and h['edges'][0] == 0
+        assert all(0 <= kept <= fwd for kept, fwd in zip(h['kept'], h['forwarded']))
+        # the epoch's highest loss is its batch's highest, so it is kept: the last bin, which holds it, keeps at least one
+        assert h['kept'][-1] >= 1
+
+def test_loss_histogram_reads_what_the_rule_kept():
+    "The histograms come from the miner's record of the last epoch, in which each batch kept its k highest losses"
+    data = digits_data()
+    _, learn = train_arm(data, lambda: mlp(64, 16, act='relu'), mlp(64, 16, act='relu').state_dict(), CrossEntropyLossFlat(),
+                         bs=128, epochs=2, lr=1e-2, seed=0, add_rule=lambda l: l.top_k(32, mode='subset'), device='cpu',
+                         show_bar=False)
+    losses, kept = learn.hard_miner.records.epoch_losses[-1]
+    # 1,438 training samples: 11 batches of 128, and one of 30 (at most k) trained whole, unrecorded
+    assert len(losses) == 11 * 128 and int(kept.sum()) == 11 * 32
+    for batch_losses, batch_kept in zip(losses.split(128), kept.split(128)):
+        assert set(torch.topk(batch_losses, 32).indices.tolist()) == set(batch_kept.nonzero().flatten().tolist())
+    h = loss_histogram(losses, kept, bins=20)
+    assert (h['n'], h['k'], len(h['edges'])) == (11 * 128, 11 * 32, 21)
+    assert h['edges'][-1] == pytest.approx(losses.max().item())
+    assert h['forwarded'] == np.histogram(losses.numpy(), h['edges'])[0].tolist()
+    assert h['kept'] == np.histogram(losses[kept].numpy(), h['edges'])[0].tolist()
 
 def test_tables_and_plots(results, tmp_path):
     for task in TASKS:
@@ -183,7 +209,7 @@ def test_tables_and_plots(results, tmp_path):
         assert table.count('x [') >= 3 * sum(len(g['arms']) for g in res['groups']) and '| full |' in table
         note = format_noise_note(res)
         assert note.startswith('Noise') and f'each of {SEEDS} repeats' in note
-        pngs = sorted(p.name for p in plot_task(task, res, tmp_path))
+        pngs = sorted(p.name for p in plot_task(res, tmp_path))
         for png in ('accuracy_vs_time', 'frontier', 'kept_share'): assert f'{task}_{png}.png' in pngs
     for p in tmp_path.glob('*.png'): assert p.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -244,6 +270,14 @@ def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     assert json.loads((out/'results.json').read_text())['tasks']['ohem']['n_train'] == 480
     with pytest.raises(AssertionError, match='generated again'): mnist1d_data(700, out)
 
+def test_mnist1d_missing_says_what_to_install(tmp_path, monkeypatch):
+    cached = mnist1d_data(300, tmp_path)[0]
+    monkeypatch.setitem(sys.modules, 'mnist1d', None)
+    monkeypatch.setitem(sys.modules, 'mnist1d.data', None)
+    with pytest.raises(ImportError, match=r'pip install "fastai_hardmine\[bench\]"'): mnist1d_data(400, tmp_path)
+    # data already cached needs no package
+    assert torch.equal(mnist1d_data(300, tmp_path)[0], cached)
+
 @pytest.mark.parametrize('argv, message', [
     (['--task', 'nope'], "invalid choice: 'nope'"), (['--seeds', '0'], '--seeds must be >= 1'),
     (['--plain-budgets', '40,x'], 'comma-separated percentages'), (['--plain-budgets', '100'], 'plain_budgets'),
@@ -261,7 +295,7 @@ def test_shorter_schedules_and_budgets():
     # 12 epochs: 40% = 4.8 -> 5, 55% = 6.6 -> 7, 70% = 8.4 -> 8, 85% = 10.2 -> 10; halves round up (10 x 55% = 5.5 -> 6)
     assert [budget_epochs(12, b) for b in (1, .4, .55, .7, .85)] == [12, 5, 7, 8, 10]
     assert budget_epochs(10, .55) == 6 and budget_epochs(3, .1) == 1
-    arms = task_arms('filter', bench_config('filter'), 0)
+    arms = bench_task('filter').arms(0)
     assert [(a.name, a.epochs, a.plain) for a in arms] == [
         ('plain fastai', 12, True), ('plain fastai 40%', 5, True), ('plain fastai 55%', 7, True),
         ('plain fastai 70%', 8, True), ('plain fastai 85%', 10, True),
