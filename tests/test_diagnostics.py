@@ -25,7 +25,7 @@ from fastai.vision.augment import Resize
 from torchvision.models import resnet18
 from fastai_hardmine.all import *
 from fastai_hardmine.columns import EpochColumns
-from fastai_hardmine.bench_data import flip_labels
+from fastai_hardmine.bench.data import flip_labels
 from fastai_hardmine.diagnostics import precision_recall_at_k
 from test_applications import images, reviews, tab_dls, quiet  # noqa: F401 (fixtures)
 from test_subset import one_thread  # noqa: F401 (fixture)

@@ -118,7 +118,7 @@ class OhemTask(BenchTask):
         if self.cfg['loss'] != 'l2': return ''
         return ("Why accuracy is low here: this task repeats the OHEM experiments' own setup (an MLP with sigmoid units, the "
                 "L2 distance between softmax and one-hot targets, Adam), which learns MNIST-1D slowly: plain fastai and the "
-                "rules alike stay near 30% in these epochs. It compares the rules under the seed's conditions; it is not a "
+                "rules alike stay near 30% in these epochs. It compares the rules under the OHEM experiments' conditions; it is not a "
                 "good MNIST-1D model. `--loss ce` trains the same MLP with cross-entropy.")
 
 class FilterTask(BenchTask):
