@@ -23,6 +23,7 @@ from .fitting import in_lr_find, seeded_generator, find_callback, check_only, re
 from .steps import PlainStep, make_step
 from .columns import ReportsEpochColumns
 from .records import ReadsRecords
+from .scorers import ScorerOption
 
 # %% auto #0
 __all__ = ['MODES', 'DEFAULT_BUCKETS', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback',
@@ -74,6 +75,7 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
                  log_kept:bool=True, # Add a `kept` column to fastai's progress table: the share of the epoch's samples kept
                  log_kept_loss:bool=False, # Add a `kept_loss` column: the mean share of each batch's loss carried by the kept samples
                  track_samples:bool=False, # Subset mode: count, per training sample, how often it was scored, kept and trained (`learn.hardest_indices`)
+                 scorer:ScorerOption|None=None, # Subset mode: what scores each batch instead of the model's no-grad forward (`Proxy(...)`, `Reference(...)`); None: the model
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
@@ -84,9 +86,14 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
         self.score_scale = check_unit_interval('score_scale', score_scale, low_open=True)
         self.log_kept, self.log_kept_loss = check_flag('log_kept', log_kept), check_flag('log_kept_loss', log_kept_loss)
         self.track_samples = check_flag('track_samples', track_samples)
+        if scorer is not None and not isinstance(scorer, ScorerOption):
+            raise TypeError(f"`scorer` must be None (the model's own no-grad forward) or a scorer option such as "
+                            f"`Proxy()` or `Reference(...)`, got {type(scorer).__name__}")
+        self.scorer = scorer
         _check_subset_only(mode, buckets=(self.buckets, "rounds the number of samples subset mode trains on"),
                            score_scale=(self.score_scale < 1, "resizes the inputs of subset mode's scoring forward"),
-                           track_samples=(track_samples, "counts the samples subset mode scores, keeps and trains"))
+                           track_samples=(track_samples, "counts the samples subset mode scores, keeps and trains"),
+                           scorer=(scorer is not None, "replaces subset mode's scoring forward"))
         if mode == 'subset': self.order = self.subset_order
         self.active, self._fit_pending = False, False
         self._init_state()
@@ -182,7 +189,8 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
 
     def _store_users(self) -> list[str]:
         "The options in use that need the per-sample store (and so each batch's dataset indices)"
-        return [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(self, o)]
+        users = [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(self, o)]
+        return users + [f"`scorer={type(self.scorer).__name__}`"] * bool(self.scorer is not None and self.scorer.needs_ids)
 
     def _bucket_sizes(self) -> int:
         "The `buckets` in effect: 0 where the kept count needs no rounding (`fill_batch`, a fixed count)"
@@ -242,6 +250,9 @@ class SelectiveBackpropCallback(HardMiningCallback):
         if self.mode != 'subset' and (fill_batch or staleness):
             raise ValueError(f"`fill_batch` and `staleness` need mode='subset' (they change which samples the step trains "
                              f"on and skip scoring forwards), got mode={self.mode!r}")
+        if staleness and self.scorer is not None:
+            raise ValueError(f"`staleness` reuses losses the model measured, and `scorer={type(self.scorer).__name__}(...)` "
+                             f"scores every batch another way: use one of them")
         if fill_batch and self.buckets:
             raise ValueError("`buckets`: with fill_batch=True every step trains a full batch of the loader's size, one "
                              "shape already: leave `buckets` at None")

@@ -12,10 +12,10 @@ from fastai.callback.fp16 import MixedPrecision
 from .core import subset_batch
 from . import scoring, recurrent
 from .store import SampleStore
-from .fitting import find_callback
+from .fitting import find_callback, min_train_rows
 
 # %% auto #0
-__all__ = ['Scored', 'ModelScorer', 'StoredLosses']
+__all__ = ['Scored', 'ModelScorer', 'StoredLosses', 'ScorerOption', 'make_scorer']
 
 # %% ../nbs/14_scorers.ipynb #c005
 class Scored(NamedTuple):
@@ -27,6 +27,8 @@ class Scored(NamedTuple):
 
 class ModelScorer:
     "Per-sample losses of a batch from a no-grad forward of the training model that leaves the model as it was"
+    # the losses are the training model's own: the step logs their mean as the batch's training loss
+    scores_model = True
     def __init__(self,
                  learn, # The Learner, at the start of a fit
                  miner, # The hard-mining callback: its `per_sample_loss_func`, `score_scale`, `order` and name
@@ -70,6 +72,9 @@ class ModelScorer:
         "Every sample of the batch scored now (`ids` and `epoch` are for `StoredLosses`)"
         return self(xb, yb)
 
+    def whole(self, xb, yb, ids:Tensor|None):
+        "A batch trained whole, without scoring: nothing to do here (a scorer that learns, such as a proxy, learns from it)"
+
 # %% ../nbs/14_scorers.ipynb #c009
 class StoredLosses:
     "Losses from the per-sample store where measured at most `staleness` epochs ago; the other samples scored by `scorer`"
@@ -80,8 +85,10 @@ class StoredLosses:
                  min_rows:int=1, # Score at least this many: fewer stale samples are scored with the whole batch
                 ):
         self.scorer, self.store, self.staleness, self.min_rows = scorer, store, staleness, min_rows
+        self.scores_model = scorer.scores_model
 
     def autocast(self, entered:bool=False): return self.scorer.autocast(entered)
+    def whole(self, xb, yb, ids:Tensor|None): self.scorer.whole(xb, yb, ids)
 
     def losses(self, xb, yb, ids:Tensor, epoch:int) -> Scored:
         "The batch's losses, scoring only the samples whose stored loss is too old (all of them, or none)"
@@ -94,3 +101,26 @@ class StoredLosses:
         # a prediction of part of the batch is not the batch's
         whole = len(stale) == len(losses)
         return Scored(losses, stale, done[-1].pred if whole else None, done[-1].reached)
+
+# %% ../nbs/14_scorers.ipynb #n80ff73dc
+class ScorerOption:
+    "Settings of a scorer other than the model's own forward (a rule's `scorer=`); makes the scorer when a fit starts"
+    # whether the scorer reads each batch's dataset indices (and so needs a loader whose batches map to them)
+    needs_ids = False
+
+    def make(self,
+             learn, # The Learner, at the start of a fit
+             miner, # The hard-mining callback starting it
+             counts, # Its per-sample counts (`SampleCounts` when `needs_ids`)
+            ):
+        "The scorer of the fit starting now"
+        raise NotImplementedError
+
+def make_scorer(miner, # The hard-mining callback starting a fit in mode='subset'
+                learn, # Its Learner
+                counts, # Its per-sample counts (`SampleCounts` or `NoCounts`)
+               ):
+    "The fit's scorer: the miner's `scorer` option or the model's own forward, through the store with `staleness`"
+    scorer = ModelScorer(learn, miner) if miner.scorer is None else miner.scorer.make(learn, miner, counts)
+    if miner.staleness: scorer = StoredLosses(scorer, counts.store, miner.staleness, min_train_rows(learn.model))
+    return scorer

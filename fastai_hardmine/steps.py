@@ -12,7 +12,7 @@ from .records import BatchSelection, MiningRecords
 from . import recurrent
 from .recurrent import RecurrentRows
 from .accumulation import LoaderSampleAccumulation
-from .scorers import ModelScorer, StoredLosses
+from .scorers import make_scorer
 from .fill_queue import TrainAtOnce, FillBatches
 from .counting import NoCounts, SampleCounts
 from .fitting import in_lr_find, model_device, min_train_rows
@@ -56,7 +56,7 @@ class SubsetStep(PlainStep):
     def __init__(self,
                  rule, # The hard-mining callback: `_trains_whole`, `_choose`, `_sample_losses`
                  records:MiningRecords,
-                 scorer, # `ModelScorer` or `StoredLosses`
+                 scorer, # `ModelScorer`, `StoredLosses` or the scorer of a `ScorerOption` (`make_scorer`)
                  batches, # `TrainAtOnce` or `FillBatches`
                  counts, # `NoCounts` or `SampleCounts`
                  rows, # `RecurrentRows` of the modules whose state carries across batches
@@ -111,6 +111,7 @@ class SubsetStep(PlainStep):
         self.records.add(BatchSelection.whole(n, learn.yb[0].device, ids), trained=n + waiting)
         xb, yb, trained_ids = self.batches.with_whole((learn.xb, learn.yb, ids))
         self.counts.kept(ids); self.counts.trained(trained_ids)
+        self.scorer.whole(learn.xb, learn.yb, ids)
         self.current = BatchSelection.whole(n, ids=ids), trained_ids
         if waiting: learn.xb, learn.yb = xb, yb
 
@@ -129,8 +130,8 @@ class SubsetStep(PlainStep):
 
     def after_loss(self, learn):
         sel, trained_ids = self.current
-        # the whole batch's loss is logged, as in mask mode and without the miner
-        if sel.idx is not None: learn.loss = sel.losses.mean().to(learn.loss.dtype)
+        # the whole batch's loss is logged, as in mask mode and without the miner (where the scorer measured the model's)
+        if sel.idx is not None and self.scorer.scores_model: learn.loss = sel.losses.mean().to(learn.loss.dtype)
         self.accumulation.trained_step(learn, batch_size(learn.yb))
         # under MixUp/CutMix a trained sample's loss is that of a mix, not its own
         if trained_ids is not None and scoring.mix_handler(learn.loss_func) is None:
@@ -161,8 +162,7 @@ def make_step(miner, # The hard-mining callback starting a fit
     recurrent.check_state_kept(model, carried, bool(miner.fill_batch or miner.staleness), name)
     users = miner._store_users()
     counts = SampleCounts(learn.dl, model_device(model), needed_by=' and '.join(users)) if users else NoCounts()
-    scorer = ModelScorer(learn, miner)
-    if miner.staleness: scorer = StoredLosses(scorer, counts.store, miner.staleness, min_train_rows(model))
+    scorer = make_scorer(miner, learn, counts)
     batches = FillBatches(learn.dl.bs) if miner.fill_batch else TrainAtOnce()
     return SubsetStep(miner, records, scorer, batches, counts, RecurrentRows(carried), LoaderSampleAccumulation(learn.cbs),
                       miner._bucket_sizes(), min_train_rows(model))
