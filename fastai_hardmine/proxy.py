@@ -27,13 +27,13 @@ def mlp_proxy(n_in:int, # Features of one flat input sample
 
 def cnn_proxy(n_channels:int, # Channels of one input sample
               n_out:int, # Outputs, as many as the model's
-              width:int=16, # Channels of the first convolution (the next two have twice as many)
+              width:int=8, # Channels of the first convolution (the next two have twice as many)
               dims:int=2, # 2 for images `(N, C, H, W)`, 1 for signals `(N, C, L)`
              ) -> nn.Module:
-    "A small CNN proxy: three 3x3 convolutions with BatchNorm and ReLU, two of them pooled, then a linear head"
+    "A small CNN proxy: three 3x3 convolutions of stride 2 with BatchNorm and ReLU, then average pooling and a linear head"
     conv, bn, pool = (nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d)
-    def block(i, o, stride): return [conv(i, o, 3, stride=stride, padding=1, bias=False), bn(o), nn.ReLU()]
-    return nn.Sequential(*block(n_channels, width, 1), *block(width, 2 * width, 2), *block(2 * width, 2 * width, 2),
+    def block(i, o): return [conv(i, o, 3, stride=2, padding=1, bias=False), bn(o), nn.ReLU()]
+    return nn.Sequential(*block(n_channels, width), *block(width, 2 * width), *block(2 * width, 2 * width),
                          pool(1), nn.Flatten(), nn.Linear(2 * width, n_out))
 
 def default_proxy(x:Tensor, # The first input of a training batch
