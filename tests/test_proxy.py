@@ -16,6 +16,7 @@ from fastai_hardmine.callback import TopKCallback, SelectiveBackpropCallback
 from fastai_hardmine.core import select_top_k
 from fastai_hardmine.data import digits_data, tensor_dls, digits_image_dls
 from fastai_hardmine.proxy import Proxy, ProxyScorer, mlp_proxy, cnn_proxy
+from test_subset import StopBeforeStep
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -36,14 +37,6 @@ class ProxyBefore(Callback):
     order, run_valid = -100, False
     def before_batch(self):
         if self.iter == 0: self.proxy = copy.deepcopy(self.learn.hard_miner.batch_step.scorer.model)
-
-class StopBeforeStep(Callback):
-    "The batch fastai trains and the model's gradients, at the first optimizer step"
-    order, run_valid = 100, False
-    def before_step(self):
-        self.batch = self.learn.xb, self.learn.yb
-        self.grads = [p.grad.detach().clone() for p in self.learn.model.parameters()]
-        raise CancelFitException()
 
 class FirstBatch(Callback):
     order = -100
