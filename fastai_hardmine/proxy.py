@@ -12,7 +12,7 @@ from .core import check_count, check_seed, buffers_restored
 from . import scoring
 from .scorers import Scored, ScorerOption, ModelScorer
 from .batch_indices import dataset_size, loader_with_order
-from .fitting import model_device, global_rng_kept
+from .fitting import model_device, seeded_generator, global_rng_kept
 
 # %% auto #0
 __all__ = ['mlp_proxy', 'cnn_proxy', 'default_proxy', 'Proxy', 'ProxyScorer']
@@ -127,8 +127,7 @@ class ProxyScorer:
 
     def _pretrain(self, dl):
         "Train the proxy on `pretrain_epochs` shuffled passes over the training data, before the fit's first batch"
-        n, seed = dataset_size(dl), self.option.seed
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        n, generator = dataset_size(dl), seeded_generator(self.option.seed)
         for _ in range(self.option.pretrain_epochs):
             for b in loader_with_order(dl, torch.randperm(n, generator=generator).tolist()):
                 with self.fit_autocast or nullcontext(): self._step(*self._split(b))

@@ -1,5 +1,5 @@
 "The proxy scorer: the model's gradient on what the proxy chose, the proxy's own training, image inputs, validation, export."
-import copy, io, pickle, warnings
+import copy, pickle, warnings
 import pytest
 import torch
 from torch import nn
@@ -16,14 +16,7 @@ from fastai_hardmine.callback import TopKCallback, SelectiveBackpropCallback
 from fastai_hardmine.core import select_top_k
 from fastai_hardmine.data import digits_data, tensor_dls, digits_image_dls
 from fastai_hardmine.proxy import Proxy, ProxyScorer, mlp_proxy, cnn_proxy
-from test_subset import StopBeforeStep
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_subset import StopBeforeStep, one_thread  # noqa: F401 (one_thread: the autouse fixture)
 
 X, Y, XV, YV = digits_data()
 
