@@ -13,5 +13,8 @@ from .callback import *
 from .prune import *
 from .diagnostics import *
 from .data import *
+from .proxy import Proxy, mlp_proxy, cnn_proxy
+from .rho_loss import Reference, HeldOutWarning
 # nbdev writes an empty `__all__` for a module that defines nothing: list what the star-imports bring
 __all__ = ['Learner'] + _core.__all__ + _callback.__all__ + _prune.__all__ + _diagnostics.__all__ + _data.__all__
+__all__ += ['Proxy', 'mlp_proxy', 'cnn_proxy', 'Reference', 'HeldOutWarning']

@@ -75,7 +75,7 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
                  log_kept:bool=True, # Add a `kept` column to fastai's progress table: the share of the epoch's samples kept
                  log_kept_loss:bool=False, # Add a `kept_loss` column: the mean share of each batch's loss carried by the kept samples
                  track_samples:bool=False, # Subset mode: count, per training sample, how often it was scored, kept and trained (`learn.hardest_indices`)
-                 scorer:ScorerOption|None=None, # Subset mode: what scores each batch instead of the model's no-grad forward (such as `Proxy()`); None: the model
+                 scorer:ScorerOption|None=None, # Subset mode: what scores each batch instead of the model's no-grad forward (`Proxy()`, `Reference()`); None: the model
                 ):
         if mode not in MODES: raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.per_sample_loss_func, self.mode = per_sample_loss_func, mode
@@ -88,7 +88,7 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
         self.track_samples = check_flag('track_samples', track_samples)
         if scorer is not None and not isinstance(scorer, ScorerOption):
             raise TypeError(f"`scorer` must be None (the model's own no-grad forward) or a scorer option such as "
-                            f"`Proxy()`, got {type(scorer).__name__}")
+                            f"`Proxy()` or `Reference()`, got {type(scorer).__name__}")
         self.scorer = scorer
         _check_subset_only(mode, buckets=(self.buckets, "rounds the number of samples subset mode trains on"),
                            score_scale=(self.score_scale < 1, "resizes the inputs of subset mode's scoring forward"),
@@ -154,7 +154,7 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
             self.active = not in_lr_find(self.learn)
             self.reset()
             self.batch_step = make_step(self, self.learn)
-        self.batch_step.new_epoch()
+        self.batch_step.new_epoch(self.learn)
 
     def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
     def before_batch(self):

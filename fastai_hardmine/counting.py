@@ -30,10 +30,16 @@ class SampleCounts:
                  device=None, # Device of the store: the model's
                  needed_by:str='This option', # The options that need it, named in the error for a loader without indices
                 ):
-        self.batch_indices = BatchIndices(dl, needed_by=needed_by)
+        self.needed_by, self.batch_indices = needed_by, BatchIndices(dl, needed_by=needed_by)
         self.store = SampleStore(self.batch_indices.size, device=device)
 
     def new_epoch(self): self.batch_indices.new_epoch()
+
+    def follow(self,
+               dl, # The loader the fit trains on instead of the one the counts were made with
+              ):
+        "Read each batch's dataset indices from `dl` (a copy of the training loader that leaves some samples out)"
+        self.batch_indices = BatchIndices(dl, needed_by=self.needed_by)
 
     def batch_ids(self,
                   i:int, # Position of the batch in the epoch

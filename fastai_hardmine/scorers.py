@@ -75,6 +75,9 @@ class ModelScorer:
     def whole(self, xb, yb, ids:Tensor|None):
         "A batch trained whole, without scoring: nothing to do here (a scorer that learns, such as a proxy, learns from it)"
 
+    def new_epoch(self, learn):
+        "A training epoch starts: nothing to do here (a scorer that holds samples out gives fastai its own loader)"
+
 # %% ../nbs/14_scorers.ipynb #c009
 class StoredLosses:
     "Losses from the per-sample store where measured at most `staleness` epochs ago; the other samples scored by `scorer`"
@@ -89,6 +92,7 @@ class StoredLosses:
 
     def autocast(self, entered:bool=False): return self.scorer.autocast(entered)
     def whole(self, xb, yb, ids:Tensor|None): self.scorer.whole(xb, yb, ids)
+    def new_epoch(self, learn): self.scorer.new_epoch(learn)
 
     def losses(self, xb, yb, ids:Tensor, epoch:int) -> Scored:
         "The batch's losses, scoring only the samples whose stored loss is too old (all of them, or none)"

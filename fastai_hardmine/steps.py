@@ -24,7 +24,7 @@ __all__ = ['PlainStep', 'MaskStep', 'SubsetStep', 'make_step']
 class PlainStep:
     "Every batch trained as plain fastai trains it (`lr_find`, and a miner that has not started a fit)"
     def __init__(self, records:MiningRecords|None=None): self.records, self.counts = records or MiningRecords(), None
-    def new_epoch(self): pass
+    def new_epoch(self, learn): pass
     def end_fit(self): pass
     def before_batch(self, learn): pass
     def after_pred(self, learn): pass
@@ -70,8 +70,8 @@ class SubsetStep(PlainStep):
         # this batch's selection and the dataset indices fastai trains on, from `before_batch` to `after_loss`
         self.current, self.deferred = (None, None), False
 
-    def new_epoch(self):
-        self.batches.clear(); self.accumulation.new_epoch(); self.counts.new_epoch()
+    def new_epoch(self, learn):
+        self.batches.clear(); self.accumulation.new_epoch(); self.counts.new_epoch(); self.scorer.new_epoch(learn)
 
     def end_fit(self): self.batches.clear()
 

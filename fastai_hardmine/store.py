@@ -26,7 +26,7 @@ class SampleStore:
         self.measured_at = torch.full((size,), NEVER, dtype=torch.long, device=device)
         # the three counters side by side, so that one `index_add_` counts a sample in several of them
         self.counts = torch.zeros(size, 3, dtype=torch.long, device=device)
-        self._steps = {}
+        self._steps, self.columns = {}, {}
 
     def __len__(self): return len(self.loss)
     def __repr__(self): return f"{type(self).__name__}({len(self)} samples on {self.device})"
@@ -39,6 +39,13 @@ class SampleStore:
     def times_kept(self) -> Tensor: return self.counts[:, 1]
     @property
     def times_trained(self) -> Tensor: return self.counts[:, 2]
+
+    def column(self,
+               name:str, # What the column holds, such as 'reference_loss'
+              ) -> Tensor:
+        "A float column of one value per sample, by dataset index, that a scorer fills (zeros until it does)"
+        if name not in self.columns: self.columns[name] = torch.zeros(len(self), device=self.device)
+        return self.columns[name]
 
     def record_losses(self,
                       idx:Tensor, # Dataset indices
