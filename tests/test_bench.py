@@ -56,7 +56,8 @@ def expected_arms(task):
         return [('plain fastai', 2), ('plain fastai 50%', 1), ('batch_loss_filter(0.9) 150%', 3), ('batch_loss_filter(0.9)', 2),
                 ('info_batch(0.5) 150%', 3), ('info_batch(0.5)', 2)]
     return [('plain fastai', 2), ('plain fastai 50%', 1), ('selective_backprop(beta=1)', 2),
-            ('selective_backprop(beta=3, staleness=1)', 2), ('selective_backprop(beta=2, fill_batch, staleness=1)', 2)]
+            ('selective_backprop(beta=3, staleness=1)', 2), ('selective_backprop(beta=2, fill_batch, staleness=1)', 2),
+            ('rho_loss(0.1)', 2)]
 
 def names(task): return [n for n, _ in expected_arms(task)]
 
@@ -82,6 +83,27 @@ def test_structure(results, task):
             assert [r['seed'] for r in arm['runs']] == list(range(SEEDS)) == [r['repeat'] for r in arm['runs']]
             for run in arm['runs']:
                 assert set(run) == RUN_FIELDS and set(run['equal_accuracy']) == set(run['steady']) == EQUAL_FIELDS
+
+@pytest.mark.parametrize('task', TASKS)
+def test_the_frontier_headline_follows_the_arms(results, task):
+    "Each method's fastest budget reaching the mean full plain accuracy, against plain's fastest, recomputed here"
+    res = results[0][task]
+    for g in res['groups']:
+        arms = g['arms']
+        def time_of(n): return sum(min(ts) for ts in zip(*(r['epoch_train_s'] for r in arms[n]['runs'])))
+        def mean_acc(n): return statistics.fmean(r['final_accuracy'] for r in arms[n]['runs'])
+        target = mean_acc(res['baseline'])
+        plain = min((time_of(n), n) for n, a in arms.items() if a['plain'] and mean_acc(n) >= target)
+        methods = list(dict.fromkeys(a['method'] for a in arms.values() if not a['plain']))
+        assert list(g['frontier']) == methods
+        for m in methods:
+            f = g['frontier'][m]
+            hits = [(time_of(n), n) for n, a in arms.items() if a['method'] == m and mean_acc(n) >= target]
+            assert (f['plain_arm'], f['plain_time_s']) == (plain[1], pytest.approx(plain[0]))
+            if hits:
+                assert f['arm'] == min(hits)[1] and f['speed_up'] == pytest.approx(plain[0] / min(hits)[0])
+            else: assert f['arm'] is None and f['speed_up'] == 'never'
+            assert len(f['seed_speed_ups']) == SEEDS and f['verdict'] == 'inside seed noise'  # 2 seeds cannot decide
 
 @pytest.mark.parametrize('task', TASKS)
 def test_times_and_accuracies_are_measured(results, task):
@@ -136,7 +158,9 @@ def top_k_trained(n, k):
 def test_kept_shares_and_sample_counts(results, task):
     res = results[0][task]
     for g, name, run, base in all_runs(res):
-        s, seen = run['samples'], N_TRAIN * run['epochs']
+        # a RHO-LOSS arm holds 10% of the training samples out for its reference model
+        n_train = N_TRAIN - round(.1 * N_TRAIN) if name.startswith('rho_loss') else N_TRAIN
+        s, seen = run['samples'], n_train * run['epochs']
         assert s['seen'] == seen
         if g['arms'][name]['plain']:
             assert run['kept_share'] == 1 and run['kept_share_end'] == 1 and set(run['kept_share_curve']['value']) == {1.}
@@ -245,8 +269,9 @@ def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     assert '█' not in printed and 'train_loss' not in printed
     res = json.loads((out/'results.json').read_text())
     assert list(res['tasks']) == list(TASKS) and res['meta']['quick'] and res['meta']['seeds'] == 1
-    # one progress line per run: ohem 2 plain + 3 rules, filter 2 + the filter + InfoBatch, selective 2 noise levels x (2 + 3)
-    n_runs = 5 + 4 + 10
+    # one progress line per run: ohem 2 plain + 3 rules, filter 2 + the filter + InfoBatch, selective 2 noise levels x
+    # (2 plain + 3 Selective-Backprop + RHO-LOSS)
+    n_runs = 5 + 4 + 12
     progress = [l for l in printed.splitlines() if l.startswith('[')]
     assert len(progress) == n_runs and progress[0].startswith(f'[1/{n_runs}] ohem · seed 0 · 512:512 (plain fastai): ')
     assert all(' left' in l for l in progress[:-1]) and progress[-1].endswith(', done')
@@ -254,6 +279,8 @@ def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     for task in TASKS:
         md = (out/f'{task}.md').read_text()
         assert f'## {task}:' in printed and '| vs fastest plain |' in md and 'One repeat only' in md
+        # the headline table, and what the quick run left out of the full one
+        assert '| speed-up | per seed |' in md and 'Left out of the full benchmark' in md
         assert ('| 512:512 (plain fastai) 50% |' if task == 'ohem' else '| plain fastai 50% |') in md
         for png in (f'{task}_accuracy_vs_time.png', f'{task}_frontier.png', f'{task}_kept_share.png'):
             assert (out/png).read_bytes()[:4] == b'\x89PNG'
@@ -299,8 +326,8 @@ def test_shorter_schedules_and_budgets():
     assert [(a.name, a.epochs, a.plain) for a in arms] == [
         ('plain fastai', 12, True), ('plain fastai 40%', 5, True), ('plain fastai 55%', 7, True),
         ('plain fastai 70%', 8, True), ('plain fastai 85%', 10, True),
-        ('batch_loss_filter(0.9)', 12, False), ('batch_loss_filter(0.9) 70%', 8, False),
-        ('info_batch(0.5)', 12, False), ('info_batch(0.5) 70%', 8, False)]
+        *[(f"{m}{p}", e, False) for m in ('batch_loss_filter(0.9)', 'info_batch(0.5)')
+          for p, e in (('', 12), (' 85%', 10), (' 70%', 8), (' 55%', 7), (' 40%', 5))]]
     assert {a.bs for a in arms} == {128} and {a.method for a in arms} == {'plain fastai', 'batch_loss_filter(0.9)', 'info_batch(0.5)'}
     # 4 epochs: 40% -> 2, 55% -> 2 (runs once), 70% -> 3, 85% -> 3 (runs once)
     assert [(a.name, a.epochs) for a in budget_arms(Arm('p', 32, 4), [1, .4, .55, .7, .85])] == [

@@ -10,7 +10,8 @@ import torch
 import fastai
 from .data import TASKS, bench_config
 from .run import OPTIMIZERS, Progress, plan_task, run_task
-from .report import READING, format_task_table, format_noise_note, format_task_note, plot_task
+from .report import (READING, FRONTIER_READING, format_task_table, format_frontier_table,
+                                          format_noise_note, format_task_note, format_left_out, plot_task)
 
 # %% auto #0
 __all__ = ['main']
@@ -123,13 +124,17 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
     meta['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
     (out/'results.json').write_text(json.dumps(results, indent=1))
     for task, res in results['tasks'].items():
-        table, note = format_task_table(res), '\n'.join(filter(None, [format_noise_note(res), format_task_note(res)]))
+        table, note = format_task_table(res), '\n'.join(filter(None, [format_noise_note(res), format_task_note(res),
+                                                                         format_left_out(res, seeds)]))
+        headline = format_frontier_table(res)
         cfg = res['config']
         budgets = (f"plain fastai also at {_pcts(cfg['plain_budgets']) or 'no shorter schedule'}%, "
                    f"rules at {_pcts(cfg['mining_budgets'])}%")
         title = (f"## {task}: {cfg['data']} ({res['n_train']} train / {res['n_valid']} valid), {cfg['epochs']} epochs "
                  f"({budgets}), {seeds} repeat(s), {res['device']}")
-        (out/f'{task}.md').write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n{table}\n\n{note}\n\n{READING}\n")
+        (out/f'{task}.md').write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n**Headline: each method's frontier "
+                                      f"against plain fastai's**\n\n{headline}\n\n{FRONTIER_READING}\n\n**Every arm**\n\n"
+                                      f"{table}\n\n{note}\n\n{READING}\n")
         plot_task(res, out)
-        print(f"\n{title}\n\n{table}\n\n{note}")
-    print(f"\n{READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
+        print(f"\n{title}\n\nHeadline: each method's frontier against plain fastai's\n\n{headline}\n\nEvery arm\n\n{table}\n\n{note}")
+    print(f"\n{FRONTIER_READING}\n\n{READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")

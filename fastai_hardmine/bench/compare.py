@@ -8,7 +8,8 @@ import itertools, math, statistics
 
 # %% auto #0
 __all__ = ['time_to_accuracy', 'speed_up', 'fastest_plain', 'equal_accuracy', 'rotated', 'median_spread', 'min_epoch_durations',
-           'steady_times', 'compare_repeat', 'compare_steady', 'arm_summary']
+           'steady_times', 'compare_repeat', 'compare_steady', 'arm_summary', 'arm_time', 'first_reaching',
+           'frontier_comparison']
 
 # %% ../../nbs/33_bench.compare.ipynb #c018
 def time_to_accuracy(times:list[float], # Training time of each validation point
@@ -151,3 +152,50 @@ def arm_summary(runs:list[dict], # The arm's runs, one per repeat, with their co
                                **{k: median_spread([e[k] for e in eq]) for k in _RATIOS},
                                **{'steady_' + k: median_spread([e[k] for e in steady]) for k in _RATIOS})
     return s
+
+# %% ../../nbs/33_bench.compare.ipynb #n15ffb056
+def arm_time(runs:list[dict], # The repeats of one arm, from `train_arm`
+            ) -> float:
+    "The arm's steady training time: each epoch's fastest duration over the repeats, summed"
+    return sum(min_epoch_durations(runs))
+
+def first_reaching(points:list[tuple], # `(name, time, accuracy)` of each budget of one method
+                   target:float, # Accuracy to reach
+                  ) -> tuple|None:
+    "The fastest point whose accuracy reaches `target`, or None"
+    reached = [p for p in points if p[2] >= target]
+    return min(reached, key=lambda p: p[1]) if reached else None
+
+def _verdict(ratios:list, min_seeds:int) -> str:
+    if any(r == 'never' for r in ratios) or len(ratios) < min_seeds: return 'inside seed noise'
+    if all(r > 1 for r in ratios): return 'faster, outside seed noise'
+    if all(r < 1 for r in ratios): return 'slower, outside seed noise'
+    return 'inside seed noise'
+
+def frontier_comparison(arms:dict, # Arm name -> arm: `method`, `plain` and its `runs` (one per seed, in the same seed order)
+                        baseline:str, # Name of the full plain arm
+                        min_seeds:int=3, # Fewest seeds for a verdict outside seed noise
+                       ) -> dict[str, dict]:
+    "Each method's frontier against plain fastai's at the full plain accuracy: mean over seeds, and paired per seed"
+    times = {n: arm_time(a['runs']) for n, a in arms.items()}
+    accs = {n: [r['final_accuracy'] for r in a['runs']] for n, a in arms.items()}
+    methods = {}
+    for n, a in arms.items(): methods.setdefault('plain' if a['plain'] else a['method'], []).append(n)
+    def points(names, acc_of): return [(n, times[n], acc_of(n)) for n in names]
+    target = statistics.fmean(accs[baseline])
+    plain = first_reaching(points(methods['plain'], lambda n: statistics.fmean(accs[n])), target)
+    out = {}
+    for m, names in methods.items():
+        if m == 'plain': continue
+        best = first_reaching(points(names, lambda n: statistics.fmean(accs[n])), target)
+        ratios = []
+        for s, seed_target in enumerate(accs[baseline]):
+            p = first_reaching(points(methods['plain'], lambda n: accs[n][s]), seed_target)
+            b = first_reaching(points(names, lambda n: accs[n][s]), seed_target)
+            ratios.append(speed_up(p[1], b[1]) if b is not None else 'never')
+        diff = ([a - b for a, b in zip(accs[best[0]], accs[plain[0]])] if best is not None else [])
+        out[m] = dict(target=target, arm=best[0] if best else None, time_s=best[1] if best else 'never',
+                      accuracy=best[2] if best else None, plain_arm=plain[0], plain_time_s=plain[1],
+                      speed_up=speed_up(plain[1], best[1]) if best else 'never', seed_speed_ups=ratios,
+                      accuracy_difference=_mean_std(diff) if diff else None, verdict=_verdict(ratios, min_seeds))
+    return out

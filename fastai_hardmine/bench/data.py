@@ -74,22 +74,23 @@ def flip_labels(y:Tensor, # Integer class labels
 # %% ../../nbs/30_bench.data.ipynb #c024
 TASKS = ('ohem', 'filter', 'selective')
 
-_BUDGETS = dict(plain_budgets=[.4, .55, .7, .85], mining_budgets=[1., .7])
+_BUDGETS = dict(plain_budgets=[.4, .55, .7, .85], mining_budgets=[1., .85, .7, .55, .4])
 _DEFAULTS = dict(
     ohem=dict(data='mnist1d', num_samples=10_000, epochs=30, lr=3e-3, opt='adam', loss='l2', hidden=1024, act='sigmoid',
-              nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)], **_BUDGETS),
+              nk=[(512, 512), (1024, 1024), (1024, 512), (512, 384), (1024, 128)], **_BUDGETS),
     filter=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64, min_loss_perc=0.9,
                 info_batch=0.5, **_BUDGETS),
     selective=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64,
                    noise=[0., .2],
-                   arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=3, ignore_top=0),
-                         dict(beta=3, fill_batch=True, staleness=1)], info_batch=0.5, **_BUDGETS),
+                   arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=1, scorer='proxy'),
+                         dict(beta=1, scorer='reference')], rho_loss=0.1, info_batch=0.5, **_BUDGETS),
 )
 _QUICK = dict(
-    ohem=dict(num_samples=3_000, epochs=8, mining_budgets=[1.]),
+    ohem=dict(num_samples=3_000, epochs=8, nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)], mining_budgets=[1.]),
     filter=dict(num_samples=3_000, epochs=6, mining_budgets=[1.]),
-    selective=dict(num_samples=3_000, epochs=6, noise=[0., .2], arms=[dict(beta=1), dict(beta=3), dict(beta=3, staleness=1)],
-                   info_batch=0, mining_budgets=[1.]),
+    selective=dict(num_samples=3_000, epochs=6, noise=[0., .2],
+                   arms=[dict(beta=1), dict(beta=1, scorer='proxy'), dict(beta=3, staleness=1)], info_batch=0,
+                   mining_budgets=[1.]),
 )
 
 def budget_epochs(epochs:int, # The task's full epoch count

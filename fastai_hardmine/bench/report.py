@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 from .tasks import bench_task
+from .data import bench_config
+from .compare import arm_time
 
 # %% auto #0
-__all__ = ['READING', 'loss_histogram', 'format_task_table', 'format_noise_note', 'format_task_note', 'plot_frontier',
-           'plot_task']
+__all__ = ['READING', 'FRONTIER_READING', 'loss_histogram', 'format_task_table', 'format_noise_note', 'format_task_note',
+           'format_frontier_table', 'format_left_out', 'plot_frontier', 'plot_task']
 
 # %% ../../nbs/35_bench.report.ipynb #ne962c581
 def loss_histogram(losses:Tensor, # Per-sample losses a rule chose from (e.g. one epoch's, from `records.epoch_losses`)
@@ -104,6 +106,57 @@ def format_task_note(res:dict, # A task's result, from `run_task`
     "Why a task's figures look as they do, where a reader would otherwise think them broken ('' for none)"
     return bench_task(res['task'], res['config']).note()
 
+# %% ../../nbs/35_bench.report.ipynb #nac9a4e84
+def _fmt_ratios(rs:list) -> str:
+    nums = [r for r in rs if not isinstance(r, str)]
+    never = len(rs) - len(nums)
+    body = ', '.join(f"{r:.2f}" for r in nums)
+    return body + (f"{', ' if body else ''}never in {never}" if never else '')
+
+def format_frontier_table(res:dict, # A task's result, from `run_task`
+                         ) -> str:
+    "Each method's fastest budget reaching plain fastai's full-schedule accuracy (mean over seeds) against plain's fastest"
+    noisy = bench_task(res['task'], res['config']).reports_error
+    def pct(a): return 100 * (1 - a if noisy else a)
+    kind = 'error' if noisy else 'accuracy'
+    head = (['noise'] if noisy else []) + ['method', f'target {kind} %', 'its fastest budget there', 'time (s)',
+            f'{kind} %', "plain's fastest there", 'time (s)', 'speed-up', 'per seed', f'paired {kind} diff (points)', 'verdict']
+    n_left = 2 if noisy else 1
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([' --- '] * n_left + [' ---: '] * (len(head) - n_left - 1) + [' --- ']) + '|']
+    for g in res['groups']:
+        for m, f in g.get('frontier', {}).items():
+            reached = f['arm'] is not None
+            d = f['accuracy_difference']
+            diff = f"{(-1 if noisy else 1) * 100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d else '–'
+            row = ([f"{g['noise']:.0%}"] if noisy else []) + [
+                m, f"{pct(f['target']):.2f}", f['arm'] if reached else 'none reaches it',
+                _fmt_time(f['time_s']) if reached else '–', f"{pct(f['accuracy']):.2f}" if reached else '–',
+                f['plain_arm'], _fmt_time(f['plain_time_s']), _fmt_speed(f['speed_up']),
+                _fmt_ratios(f['seed_speed_ups']), diff, f['verdict']]
+            lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+FRONTIER_READING = (
+    "How to read the headline: each arm is one point, its final accuracy averaged over the seeds against its steady training "
+    "time (each epoch's fastest duration over the repeats, summed; a rule's set-up, such as a proxy's first pass, included). "
+    "The target is plain fastai's full-schedule accuracy, averaged over the seeds. 'Its fastest budget there' is the method's "
+    "fastest budget whose mean accuracy reaches the target, 'plain's fastest there' plain fastai's (the full schedule always "
+    "does), and the speed-up their time ratio. 'Per seed' repeats that within each seed, against that seed's own full plain "
+    "accuracy (every arm of a seed shares its data order, label noise and initial weights). A speed-up is outside seed noise "
+    "only when every seed's ratio lies on the same side of 1, over 3 or more seeds. The paired difference is the method's "
+    "accuracy minus plain's at the two headline points, mean ± std over the seeds.")
+
+def format_left_out(res:dict, # A task's result, from `run_task`
+                    seeds:int, # Repeats the run made
+                   ) -> str:
+    "What a run left out of the full benchmark: each setting that differs from the full one, and the seeds ('' if none)"
+    full, cfg = bench_config(res['task']), res['config']
+    def shown(v): return ', '.join(f"{100 * b:g}%" for b in v) if isinstance(v, list) and v and isinstance(v[0], float) else str(v)
+    diffs = [f"{k} {shown(cfg[k])} (full run: {shown(full[k])})" for k in full if k in cfg and cfg[k] != full[k]]
+    if seeds < 3: diffs.append(f"{seeds} seed(s) (full run: 3, the fewest for a verdict outside seed noise)")
+    if not diffs: return ''
+    return f"Left out of the full benchmark ({res['task']}): " + '; '.join(diffs) + '.'
+
 # %% ../../nbs/35_bench.report.ipynb #c034
 def _figure(n_axes:int, width:float=6.4, height:float=4.2):
     # a bare Figure renders with Agg and leaves pyplot's global backend alone
@@ -123,27 +176,27 @@ def _method(arm:dict) -> str: return _PLAIN if arm['plain'] else arm['method']
 def plot_frontier(res:dict, # A task's result, from `run_task`
                   out:str|Path, # Folder the PNG is written to
                  ) -> Path:
-    "Write `{task}_frontier.png`: each arm's final accuracy against its training time, one line per method through its budgets"
+    "Write `{task}_frontier.png`: each arm's mean final accuracy (bars: std over seeds) against its steady training time, one line per method"
     task, groups = res['task'], res['groups']
     methods = list(dict.fromkeys(_method(a) for a in groups[0]['arms'].values()))
     colors = {**_colors(methods[1:]), _PLAIN: 'black'}
-    fig, axes = _figure(len(groups))
+    fig, axes = _figure(len(groups), 7.2, 4.8)
     for ax, g in zip(axes, groups):
         for m in methods:
             # joined in epoch order: a line that doubles back in time shows the noise, it does not hide it
-            pts = sorted(((a['summary']['train_time'], 100 * a['summary']['final_accuracy']['mean'], a['epochs'])
-                          for a in g['arms'].values() if _method(a) == m), key=lambda p: p[2])
-            x = [t['median'] for t, *_ in pts]
-            xerr = [[t['median'] - t['min'] for t, *_ in pts], [t['max'] - t['median'] for t, *_ in pts]]
-            ax.errorbar(x, [y for _, y, _ in pts], xerr=xerr, color=colors[m], marker='o' if m == _PLAIN else '.',
-                        lw=2 if m == _PLAIN else 1, elinewidth=.8, capsize=2, label=m)
-            for xi, (_, y, e) in zip(x, pts):
-                ax.annotate(f"{e} ep", (xi, y), xytext=(3, 3), textcoords='offset points', fontsize=6, color=colors[m])
+            pts = sorted(((arm_time(a['runs']), 100 * a['summary']['final_accuracy']['mean'],
+                           100 * a['summary']['final_accuracy']['std'], a['epochs'])
+                          for a in g['arms'].values() if _method(a) == m), key=lambda p: p[3])
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=colors[m],
+                        marker='o' if m == _PLAIN else '.', lw=2 if m == _PLAIN else 1, elinewidth=.8, capsize=2, label=m)
+            for x, y, _, e in pts:
+                ax.annotate(f"{e} ep", (x, y), xytext=(3, 3), textcoords='offset points', fontsize=6, color=colors[m])
         target = statistics.fmean(r['final_accuracy'] for r in g['arms'][res['baseline']]['runs'])
-        ax.axhline(100 * target, color='grey', ls='--', lw=1, label='target: full plain final accuracy')
-        ax.set(xlabel='training wall time (s): median over repeats, bars min–max', ylabel='final validation accuracy (%), mean',
+        ax.axhline(100 * target, color='grey', ls='--', lw=1, label='target: full plain accuracy, mean over seeds')
+        ax.set(xlabel="training time (s): each epoch's fastest over the repeats, summed",
+               ylabel=f"final validation accuracy (%): mean, bars ± std over {res['seeds']} seed(s)",
                title=f"{task} · {g['label']}: accuracy vs time, each method's budgets")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     path = Path(out)/f'{task}_frontier.png'
     fig.savefig(path, dpi=110)
     return path

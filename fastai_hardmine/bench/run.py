@@ -4,7 +4,7 @@
 
 # %% ../../nbs/34_bench.run.ipynb #c003
 from __future__ import annotations
-import copy, time
+import copy, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ from .. import callback as _callback  # noqa: F401 (adds Learner.hard_miner and 
 from ..data import tensor_dls
 from .data import bench_data, flip_labels
 from .tasks import BenchTask, bench_task
-from .compare import rotated, compare_repeat, compare_steady, arm_summary
+from .compare import rotated, compare_repeat, compare_steady, arm_summary, frontier_comparison
+from ..rho_loss import HeldOutWarning
 from .report import loss_histogram
 
 # %% auto #0
@@ -41,6 +42,9 @@ class BenchRecorder(Callback):
     def before_fit(self):
         # `validate` and `get_preds` send `before_fit` too: only a fit that trains starts a new record
         self._pending, self._fitting = True, False
+        # the first epoch's clock starts here, so that what a rule sets up when training starts (a proxy's first
+        # pass, a reference model's training) is on it
+        self._fit_start = time.perf_counter()
 
     def after_fit(self): self._fitting = False
 
@@ -61,7 +65,7 @@ class BenchRecorder(Callback):
         n, k = len(self.dl), self.valid_per_epoch
         # batch counts after which to validate inside the epoch (fastai validates after the last one)
         self._valid_at = {round(j * n / k) for j in range(1, k)} - {0, n}
-        self._start = self._now()
+        self._start = self._now() if self.epoch else self._fit_start
 
     def _pause(self): self.train_time += self._now() - self._start
 
@@ -178,9 +182,12 @@ def train_arm(data:tuple, # `x_train, y_train, x_valid, y_valid`
     if opt not in OPTIMIZERS: raise ValueError(f"`opt` must be one of {tuple(OPTIMIZERS)}, got {opt!r}")
     learn = Learner(dls, model, loss_func=loss_func, opt_func=OPTIMIZERS[opt], metrics=accuracy, cbs=rec)
     if add_rule is not None: learn = add_rule(learn)
-    if show_bar: learn.fit_one_cycle(epochs, lr)
-    else:
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    # a RHO-LOSS arm holds out 10% of the training set, as the task's note says, once per run
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', HeldOutWarning)
+        if show_bar: learn.fit_one_cycle(epochs, lr)
+        else:
+            with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
     miner = learn.hard_miner
     n_batches, n_seen = len(rec.step_pos), len(data[0]) * epochs
     if miner is not None:
@@ -305,6 +312,7 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
         for name, steady in compare_steady(g['arms'], baseline, plain).items():
             for run, s in zip(g['arms'][name]['runs'], steady): run['steady'] = s
         for arm in g['arms'].values(): arm['summary'] = arm_summary(arm['runs'])
+        g['frontier'] = frontier_comparison(g['arms'], baseline)
     res = dict(task=task.name, config=task.cfg, device=str(device), seeds=seeds, same_seed=same_seed, n_train=len(x),
                n_valid=len(xv), baseline=baseline, plain_arms=plain, groups=groups)
     # one histogram per rule, at its longest budget, in the arms' listed order (whichever order repeat 0 ran them in)

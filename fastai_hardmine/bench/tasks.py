@@ -8,11 +8,14 @@ from typing import Callable, NamedTuple
 from fastai.losses import CrossEntropyLossFlat
 from .. import callback as _callback  # noqa: F401 (adds Learner.top_k, batch_loss_filter, selective_backprop)
 from .. import prune as _prune  # noqa: F401 (adds Learner.info_batch)
+from ..proxy import Proxy
+from ..rho_loss import Reference
 from .data import bench_config, budget_epochs
 from .models import SoftmaxL2Loss, mlp, ResNet1d
 
 # %% auto #0
-__all__ = ['TASK_TYPES', 'Arm', 'budget_arms', 'BenchTask', 'OhemTask', 'FilterTask', 'SelectiveTask', 'bench_task']
+__all__ = ['SCORERS', 'SCORERS_SHOWN', 'TASK_TYPES', 'Arm', 'budget_arms', 'BenchTask', 'OhemTask', 'FilterTask', 'SelectiveTask',
+           'bench_task']
 
 # %% ../../nbs/32_bench.tasks.ipynb #c025
 class Arm(NamedTuple):
@@ -43,7 +46,11 @@ def budget_arms(arm:Arm, # A method at its full epochs
 # functions of one value each, so that every arm's rule keeps its own value (a lambda in a loop would share the last one)
 def _top_k(k): return lambda learn: learn.top_k(k, mode='subset')
 def _loss_filter(p): return lambda learn: learn.batch_loss_filter(p, mode='subset')
-def _selective(kw, seed): return lambda learn: learn.selective_backprop(mode='subset', seed=seed, **kw)
+# a rule's `scorer` in the settings, by name: settings stay plain data (JSON in `results.json`)
+SCORERS = dict(proxy=lambda seed: Proxy(seed=seed), reference=lambda seed: Reference())
+def _scorer(kw, seed): return {**kw, 'scorer': SCORERS[kw['scorer']](seed)} if 'scorer' in kw else kw
+def _selective(kw, seed): return lambda learn: learn.selective_backprop(mode='subset', seed=seed, **_scorer(kw, seed))
+def _rho_loss(k): return lambda learn: learn.rho_loss(k, mode='subset')
 def _info_batch(r, seed): return lambda learn: learn.info_batch(r, seed=seed)
 
 class BenchTask:
@@ -96,8 +103,11 @@ class BenchTask:
         return [Arm(f"info_batch({r:g})", self.cfg['bs'], self.cfg['epochs'], _info_batch(r, seed))] if r else []
 
 # %% ../../nbs/32_bench.tasks.ipynb #n01932c94
+SCORERS_SHOWN = dict(proxy='Proxy()', reference='Reference()')
+
 def _sb_name(kw:dict) -> str:
-    extra = ''.join(f", {k}={v}" if not isinstance(v, bool) else f", {k}" for k, v in kw.items() if k != 'beta')
+    def shown(k, v): return f", {k}" if isinstance(v, bool) else f", scorer={SCORERS_SHOWN[v]}" if k == 'scorer' else f", {k}={v}"
+    extra = ''.join(shown(k, v) for k, v in kw.items() if k != 'beta')
     return f"selective_backprop(beta={kw['beta']:g}{extra})"
 
 class OhemTask(BenchTask):
@@ -136,7 +146,15 @@ class SelectiveTask(BenchTask):
     def methods(self, seed:int) -> list[Arm]:
         bs, e = self.cfg['bs'], self.cfg['epochs']
         sb = [Arm(_sb_name(kw), bs, e, _selective(kw, seed)) for kw in self.cfg['arms']]
-        return [Arm('plain fastai', bs, e)] + sb + self._pruning(seed)
+        rho = [Arm(f"rho_loss({k:g})", bs, e, _rho_loss(k))] if (k := self.cfg.get('rho_loss')) else []
+        return [Arm('plain fastai', bs, e)] + sb + rho + self._pruning(seed)
+
+    def note(self) -> str:
+        if not (self.cfg.get('rho_loss') or any(kw.get('scorer') for kw in self.cfg['arms'])): return ''
+        return ("The arms with a scorer pay for it inside their training time: a proxy's first pass over the data, a "
+                "reference model's training on held-out data and its pass over the training set. The RHO-LOSS arms "
+                "(`rho_loss`, `scorer=Reference()`) hold out 10% of the training set for the reference, and train on the "
+                "other 90%.")
 
     def noise_levels(self) -> list[float]: return list(self.cfg['noise'])
     def group_label(self, noise:float) -> str: return f"noise {noise:.0%}"
