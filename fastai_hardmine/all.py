@@ -15,6 +15,7 @@ from .diagnostics import *
 from .data import *
 from .proxy import Proxy, mlp_proxy, cnn_proxy
 from .rho_loss import Reference, HeldOutWarning
+from .profile import StepProfile
 # nbdev writes an empty `__all__` for a module that defines nothing: list what the star-imports bring
 __all__ = ['Learner'] + _core.__all__ + _callback.__all__ + _prune.__all__ + _diagnostics.__all__ + _data.__all__
-__all__ += ['Proxy', 'mlp_proxy', 'cnn_proxy', 'Reference', 'HeldOutWarning']
+__all__ += ['Proxy', 'mlp_proxy', 'cnn_proxy', 'Reference', 'HeldOutWarning', 'StepProfile']

@@ -280,7 +280,7 @@ def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
         md = (out/f'{task}.md').read_text()
         assert f'## {task}:' in printed and '| vs fastest plain |' in md and 'One repeat only' in md
         # the headline table, and what the quick run left out of the full one
-        assert '| speed-up | per seed |' in md and 'Left out of the full benchmark' in md
+        assert '| speed-up | vs full plain | per seed |' in md and 'Left out of the full benchmark' in md
         assert ('| 512:512 (plain fastai) 50% |' if task == 'ohem' else '| plain fastai 50% |') in md
         for png in (f'{task}_accuracy_vs_time.png', f'{task}_frontier.png', f'{task}_kept_share.png'):
             assert (out/png).read_bytes()[:4] == b'\x89PNG'

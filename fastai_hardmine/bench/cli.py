@@ -10,6 +10,7 @@ import torch
 import fastai
 from .data import TASKS, bench_config
 from .run import OPTIMIZERS, Progress, plan_task, run_task
+from .learner import ONE_LINERS, load_factory, compare_learner
 from .report import (READING, FRONTIER_READING, format_task_table, format_frontier_table,
                                           format_noise_note, format_task_note, format_left_out, plot_task)
 
@@ -64,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="ohem loss: 'l2' between softmax and one-hot as in the OHEM experiments (default) or 'ce'")
     p.add_argument('--valid-per-epoch', type=int, default=None, metavar='K',
                    help='validate K times per epoch, evenly spread, for a finer time to accuracy (default: 1, at the end)')
+    g = p.add_argument_group('your own task', 'compare plain fastai and the rules on a Learner you build (needs --epochs and --lr)')
+    g.add_argument('--learner', metavar='MODULE:FUNCTION', default=None,
+                   help='a function returning a fresh, identically initialised Learner, importable from the current directory')
+    g.add_argument('--arms', default=None, metavar='NAMES', help=f"comma-separated rules to run, from {', '.join(ONE_LINERS)} "
+                   "(default: all; proxy where the model's inputs have a default proxy)")
+    g.add_argument('--metric', default=None, help="the recorded metric to compare at (default: the Learner's first metric)")
+    g.add_argument('--lower-is-better', action='store_true', default=None,
+                   help="lower values of --metric are better (default: for names with 'loss' or 'error')")
     return p
 
 def _task_config(task:str, args) -> dict:
@@ -80,6 +89,28 @@ def _check_positive(p:argparse.ArgumentParser, args):
         if v is not None and v < 1: p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.lr is not None and not args.lr > 0: p.error(f"--lr must be > 0, got {args.lr}")
 
+def _run_learner(p:argparse.ArgumentParser, args):
+    "`hardmine-bench --learner module:function`: the comparison on the user's own Learner"
+    if args.epochs is None or args.lr is None: p.error("--learner needs --epochs and --lr: the full one-cycle schedule to compare at")
+    # the factory's module is looked up from the current directory first, as `python -m` would
+    sys.path.insert(0, os.getcwd())
+    try: factory = load_factory(args.learner)
+    except ValueError as e: p.error(str(e))
+    out, seeds = Path(args.out), args.seeds or 3
+    methods = args.arms.split(',') if args.arms else None
+    higher = False if args.lower_is_better else None
+    plain = args.plain_budgets if args.plain_budgets is not None else [.4, .55, .7, .85]
+    print(f"hardmine-bench --learner {args.learner}: {args.epochs} epochs of one-cycle at lr {args.lr:g}, {seeds} repeat(s); "
+          f"results in {out}/", flush=True)
+    try: res = compare_learner(factory, args.epochs, args.lr, methods, plain, args.mining_budgets or [1., .7], seeds,
+                               args.metric, higher, out)
+    except (ValueError, TypeError) as e: raise SystemExit(f"hardmine-bench: {e}")
+    (out/'learner.json').write_text(json.dumps(res, indent=1))
+    (out/'learner.md').write_text(f"## {args.learner}\n\n{res['table']}\n\n{res['recommendation']}\n\n{FRONTIER_READING}\n")
+    print(f"\n{res['table']}\n\n{res['recommendation']}\n\n{FRONTIER_READING}")
+    if res['interrupted']: raise SystemExit(130)
+    return res
+
 def main(argv:list[str]|None=None, # Command line arguments, without the program name
          show_bar:bool=True, # Show fastai's progress bars and epoch tables (only ever when stdout is a terminal)
         ):
@@ -87,6 +118,7 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
     p = _parser()
     args = p.parse_args(argv)
     _check_positive(p, args)
+    if args.learner is not None: return _run_learner(p, args)
     # bars redrawn into a log file pile up (hundreds of KB per run): a log gets one line per arm instead
     show_bar = show_bar and sys.stdout.isatty()
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'

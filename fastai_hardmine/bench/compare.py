@@ -153,7 +153,7 @@ def arm_summary(runs:list[dict], # The arm's runs, one per repeat, with their co
                                **{'steady_' + k: median_spread([e[k] for e in steady]) for k in _RATIOS})
     return s
 
-# %% ../../nbs/33_bench.compare.ipynb #n15ffb056
+# %% ../../nbs/33_bench.compare.ipynb #n0029ff56
 def arm_time(runs:list[dict], # The repeats of one arm, from `train_arm`
             ) -> float:
     "The arm's steady training time: each epoch's fastest duration over the repeats, summed"
@@ -196,6 +196,7 @@ def frontier_comparison(arms:dict, # Arm name -> arm: `method`, `plain` and its 
         diff = ([a - b for a, b in zip(accs[best[0]], accs[plain[0]])] if best is not None else [])
         out[m] = dict(target=target, arm=best[0] if best else None, time_s=best[1] if best else 'never',
                       accuracy=best[2] if best else None, plain_arm=plain[0], plain_time_s=plain[1],
-                      speed_up=speed_up(plain[1], best[1]) if best else 'never', seed_speed_ups=ratios,
+                      speed_up=speed_up(plain[1], best[1]) if best else 'never', full_plain_time_s=times[baseline],
+                      speed_up_vs_full_plain=speed_up(times[baseline], best[1]) if best else 'never', seed_speed_ups=ratios,
                       accuracy_difference=_mean_std(diff) if diff else None, verdict=_verdict(ratios, min_seeds))
     return out

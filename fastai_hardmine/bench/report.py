@@ -14,7 +14,7 @@ from .compare import arm_time
 
 # %% auto #0
 __all__ = ['READING', 'FRONTIER_READING', 'loss_histogram', 'format_task_table', 'format_noise_note', 'format_task_note',
-           'format_frontier_table', 'format_left_out', 'plot_frontier', 'plot_task']
+           'frontier_table', 'format_frontier_table', 'format_left_out', 'plot_frontier', 'plot_task']
 
 # %% ../../nbs/35_bench.report.ipynb #ne962c581
 def loss_histogram(losses:Tensor, # Per-sample losses a rule chose from (e.g. one epoch's, from `records.epoch_losses`)
@@ -106,42 +106,49 @@ def format_task_note(res:dict, # A task's result, from `run_task`
     "Why a task's figures look as they do, where a reader would otherwise think them broken ('' for none)"
     return bench_task(res['task'], res['config']).note()
 
-# %% ../../nbs/35_bench.report.ipynb #nac9a4e84
+# %% ../../nbs/35_bench.report.ipynb #nd2cf87b7
 def _fmt_ratios(rs:list) -> str:
     nums = [r for r in rs if not isinstance(r, str)]
     never = len(rs) - len(nums)
     body = ', '.join(f"{r:.2f}" for r in nums)
     return body + (f"{', ' if body else ''}never in {never}" if never else '')
 
-def format_frontier_table(res:dict, # A task's result, from `run_task`
-                         ) -> str:
-    "Each method's fastest budget reaching plain fastai's full-schedule accuracy (mean over seeds) against plain's fastest"
-    noisy = bench_task(res['task'], res['config']).reports_error
-    def pct(a): return 100 * (1 - a if noisy else a)
-    kind = 'error' if noisy else 'accuracy'
-    head = (['noise'] if noisy else []) + ['method', f'target {kind} %', 'its fastest budget there', 'time (s)',
-            f'{kind} %', "plain's fastest there", 'time (s)', 'speed-up', 'per seed', f'paired {kind} diff (points)', 'verdict']
-    n_left = 2 if noisy else 1
+def frontier_table(groups:list[dict], # Groups of runs, each with its `frontier` (from `frontier_comparison`), `label` and `noise`
+                   value, # Function of a compared value (an accuracy) returning the number to print
+                   kind:str, # What the values are, for the header ('accuracy', 'error', a metric's name)
+                   label:str|None=None, # Header of a first column naming each group; None: none
+                  ) -> str:
+    "Each method's fastest budget reaching plain fastai's full-schedule value (mean over seeds) against plain's fastest, as markdown"
+    head = ([label] if label else []) + ['method', f'target {kind}', 'its fastest budget there', 'time (s)', kind,
+            "plain's fastest there", 'time (s)', 'speed-up', 'vs full plain', 'per seed', f'paired {kind} diff', 'verdict']
+    n_left = 2 if label else 1
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([' --- '] * n_left + [' ---: '] * (len(head) - n_left - 1) + [' --- ']) + '|']
-    for g in res['groups']:
+    for g in groups:
         for m, f in g.get('frontier', {}).items():
-            reached = f['arm'] is not None
-            d = f['accuracy_difference']
-            diff = f"{(-1 if noisy else 1) * 100 * d['mean']:+.2f} ± {100 * d['std']:.2f}" if d else '–'
-            row = ([f"{g['noise']:.0%}"] if noisy else []) + [
-                m, f"{pct(f['target']):.2f}", f['arm'] if reached else 'none reaches it',
-                _fmt_time(f['time_s']) if reached else '–', f"{pct(f['accuracy']):.2f}" if reached else '–',
+            reached, d = f['arm'] is not None, f['accuracy_difference']
+            diff = f"{value(d['mean']) - value(0):+.2f} ± {abs(value(d['std']) - value(0)):.2f}" if d else '–'
+            row = ([g['label']] if label else []) + [
+                m, f"{value(f['target']):.2f}", f['arm'] if reached else 'none reaches it',
+                _fmt_time(f['time_s']) if reached else '–', f"{value(f['accuracy']):.2f}" if reached else '–',
                 f['plain_arm'], _fmt_time(f['plain_time_s']), _fmt_speed(f['speed_up']),
-                _fmt_ratios(f['seed_speed_ups']), diff, f['verdict']]
+                _fmt_speed(f['speed_up_vs_full_plain']), _fmt_ratios(f['seed_speed_ups']), diff, f['verdict']]
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
+
+def format_frontier_table(res:dict, # A task's result, from `run_task`
+                         ) -> str:
+    "A task's headline: each method's fastest budget reaching plain fastai's full-schedule accuracy against plain's fastest"
+    noisy = bench_task(res['task'], res['config']).reports_error
+    def value(a): return 100 * (1 - a if noisy else a)
+    groups = [dict(g, label=f"{g['noise']:.0%}") for g in res['groups']]
+    return frontier_table(groups, value, 'error %' if noisy else 'accuracy %', 'noise' if noisy else None)
 
 FRONTIER_READING = (
     "How to read the headline: each arm is one point, its final accuracy averaged over the seeds against its steady training "
     "time (each epoch's fastest duration over the repeats, summed; a rule's set-up, such as a proxy's first pass, included). "
     "The target is plain fastai's full-schedule accuracy, averaged over the seeds. 'Its fastest budget there' is the method's "
     "fastest budget whose mean accuracy reaches the target, 'plain's fastest there' plain fastai's (the full schedule always "
-    "does), and the speed-up their time ratio. 'Per seed' repeats that within each seed, against that seed's own full plain "
+    "does), and the speed-up their time ratio; 'vs full plain' sets the method's time against the full plain schedule's. 'Per seed' repeats that within each seed, against that seed's own full plain "
     "accuracy (every arm of a seed shares its data order, label noise and initial weights). A speed-up is outside seed noise "
     "only when every seed's ratio lies on the same side of 1, over 3 or more seeds. The paired difference is the method's "
     "accuracy minus plain's at the two headline points, mean ± std over the seeds.")
@@ -181,20 +188,22 @@ def plot_frontier(res:dict, # A task's result, from `run_task`
     methods = list(dict.fromkeys(_method(a) for a in groups[0]['arms'].values()))
     colors = {**_colors(methods[1:]), _PLAIN: 'black'}
     fig, axes = _figure(len(groups), 7.2, 4.8)
+    # a run's compared value is an accuracy (shown in %), or a metric times its sign (lower-is-better metrics are negated)
+    scale, what = res.get('value_scale', 100), res.get('value_label', 'final validation accuracy (%)')
     for ax, g in zip(axes, groups):
         for m in methods:
             # joined in epoch order: a line that doubles back in time shows the noise, it does not hide it
-            pts = sorted(((arm_time(a['runs']), 100 * a['summary']['final_accuracy']['mean'],
-                           100 * a['summary']['final_accuracy']['std'], a['epochs'])
+            pts = sorted(((arm_time(a['runs']), scale * a['summary']['final_accuracy']['mean'],
+                           abs(scale) * a['summary']['final_accuracy']['std'], a['epochs'])
                           for a in g['arms'].values() if _method(a) == m), key=lambda p: p[3])
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], color=colors[m],
                         marker='o' if m == _PLAIN else '.', lw=2 if m == _PLAIN else 1, elinewidth=.8, capsize=2, label=m)
             for x, y, _, e in pts:
                 ax.annotate(f"{e} ep", (x, y), xytext=(3, 3), textcoords='offset points', fontsize=6, color=colors[m])
         target = statistics.fmean(r['final_accuracy'] for r in g['arms'][res['baseline']]['runs'])
-        ax.axhline(100 * target, color='grey', ls='--', lw=1, label='target: full plain accuracy, mean over seeds')
+        ax.axhline(scale * target, color='grey', ls='--', lw=1, label='target: full plain value, mean over seeds')
         ax.set(xlabel="training time (s): each epoch's fastest over the repeats, summed",
-               ylabel=f"final validation accuracy (%): mean, bars ± std over {res['seeds']} seed(s)",
+               ylabel=f"{what}: mean, bars ± std over {res['seeds']} seed(s)",
                title=f"{task} · {g['label']}: accuracy vs time, each method's budgets")
         ax.legend(fontsize=6)
     path = Path(out)/f'{task}_frontier.png'
