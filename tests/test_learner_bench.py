@@ -64,11 +64,12 @@ def test_cli_runs_a_factory_from_the_current_directory(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, 'path', list(sys.path))
     sys.modules.pop('my_task', None)
-    res = main(['--learner', 'my_task:make', '--epochs', '2', '--lr', '1e-2', '--arms', 'top_k', '--plain-budgets', '50',
+    main(['--learner', 'my_task:make', '--epochs', '2', '--lr', '1e-2', '--arms', 'top_k', '--plain-budgets', '50',
                 '--mining-budgets', '100', '--seeds', '1', '--out', str(tmp_path/'out')])
     printed = capsys.readouterr().out
-    assert res['recommendation'] in printed and (tmp_path/'out'/'learner.md').exists()
-    assert json.loads((tmp_path/'out'/'learner.json').read_text())['metric'] == 'accuracy'
+    res = json.loads((tmp_path/'out'/'learner.json').read_text())
+    assert res['recommendation'] in printed and (tmp_path/'out'/'learner.md').exists() and res['metric'] == 'accuracy'
+    assert all(0 <= v <= 1 for a in res['groups'][0]['arms'].values() for r in a['runs'] for v in r['metric'])
     assert re.search(r'\[\d+/3\] seed 0 · plain fastai', printed)
     for spec, msg in (('my_task:unseeded', 'different initial weights'), ('my_task:not_a_learner', 'returned int'),
                       ('nowhere:make', "cannot import module 'nowhere'")):

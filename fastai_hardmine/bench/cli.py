@@ -109,7 +109,6 @@ def _run_learner(p:argparse.ArgumentParser, args):
     (out/'learner.md').write_text(f"## {args.learner}\n\n{res['table']}\n\n{res['recommendation']}\n\n{FRONTIER_READING}\n")
     print(f"\n{res['table']}\n\n{res['recommendation']}\n\n{FRONTIER_READING}")
     if res['interrupted']: raise SystemExit(130)
-    return res
 
 def main(argv:list[str]|None=None, # Command line arguments, without the program name
          show_bar:bool=True, # Show fastai's progress bars and epoch tables (only ever when stdout is a terminal)

@@ -117,7 +117,7 @@ def learner_arms(learn:Learner, # A Learner from the factory
 class EpochClock(Callback):
     "Training time of each epoch (validation excluded; the first includes what callbacks set up when training starts) and the metric after it"
     order = 100  # after fastai's Recorder, which has recorded the epoch's values by then
-    def __init__(self, index:int): self.index, self.epoch_s, self.values = index, [], []
+    def __init__(self, metric:str): self.metric, self.epoch_s, self.values = metric, [], []
     def before_fit(self): self.fit_start = time.perf_counter()
     def _sync(self):
         device = next(self.model.parameters()).device
@@ -126,14 +126,17 @@ class EpochClock(Callback):
         self._sync(); self.start = time.perf_counter() if self.epoch else self.fit_start
     def after_train(self):
         self._sync(); self.epoch_s.append(time.perf_counter() - self.start)
-    def after_epoch(self): self.values.append(float(self.learn.recorder.values[-1][self.index]))
+    def after_epoch(self):
+        # looked up by name: a rule's own columns (`kept`) sit between fastai's in the recorded values
+        rec = self.learn.recorder
+        self.values.append(float(rec.values[-1][list(rec.metric_names[1:]).index(self.metric)]))
 
-def _train(factory, arm:Arm, lr:float, seed:int, index:int, sign:float) -> dict:
+def _train(factory, arm:Arm, lr:float, seed:int, name:str, sign:float) -> dict:
     learn = factory()
     # every arm of a repeat draws the same data order and random transforms
     set_seed(seed)
     for dl in learn.dls.loaders: dl.rng = random.Random(seed)
-    clock = EpochClock(index)
+    clock = EpochClock(name)
     learn.add_cb(clock)
     if arm.add_rule is not None: learn = arm.add_rule(learn)
     with warnings.catch_warnings(), learn.no_bar(), learn.no_logging():
@@ -172,7 +175,7 @@ def compare_learner(factory:Callable, # Returns a fresh, identically initialised
         for r in range(seeds):
             for arm in rotated(arms, r, seeds):
                 start = time.perf_counter()
-                group['arms'][arm.name]['runs'].append(_train(factory, arm, lr, r, index, sign))
+                group['arms'][arm.name]['runs'].append(_train(factory, arm, lr, r, name, sign))
                 progress.done(f"seed {r} · {arm.name}", time.perf_counter() - start)
     except KeyboardInterrupt:
         res['interrupted'] = True
