@@ -229,5 +229,5 @@ def _profile(tmp, start, events, warmup, shares, per_sample, device, proxy) -> S
         kept[share] = (_median_ms(parts['forward']) * statistics.median(s[0] for s in sub) / statistics.median(w[0] for w in whole) +
                        _median_ms(parts['backward']) * statistics.median(s[1] for s in sub) / statistics.median(w[1] for w in whole))
     proxy_ms = _median_ms([timer.proxy_step(proxy, *b) for b in batches[:3]]) if proxy is not None else None
-    return StepProfile(bs, str(device), *(_median_ms(parts[k]) for k in ('loader',)), _median_ms(scoring_s),
+    return StepProfile(bs, str(device), _median_ms(parts['loader']), _median_ms(scoring_s),
                        *(_median_ms(parts[k]) for k in ('forward', 'backward', 'optimizer', 'rest')), kept, proxy_ms)

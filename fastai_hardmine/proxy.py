@@ -101,10 +101,7 @@ class ProxyScorer:
             self.scaler = torch.amp.GradScaler(device.type, enabled=device.type == 'cuda' and self.fit_autocast is not None)
             self._pretrain(learn.dl)
 
-    def _split(self, b:tuple) -> tuple:
-        "A loader's batch as `(xb, yb)`, split as fastai's `Learner` splits it"
-        i = getattr(self.learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
-        return b[:i], b[i:]
+    def _split(self, b:tuple) -> tuple: return scoring.split_batch(self.learn.dls, b)
 
     def _first_batch(self, dl) -> tuple:
         return next(iter(loader_with_order(dl, list(range(min(dl.bs, dataset_size(dl)))))))

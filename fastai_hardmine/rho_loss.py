@@ -135,13 +135,12 @@ class ReferenceScorer:
                       f"own.", HeldOutWarning, stacklevel=2)
         return loader_without(dl, kept)
 
-    def _split(self, b:tuple) -> tuple:
-        i = getattr(self.learn.dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
-        return b[:i], b[i:]
+    def _split(self, b:tuple) -> tuple: return scoring.split_batch(self.learn.dls, b)
 
     def _batch_losses(self, model, b, grad:bool) -> tuple:
         xb, yb = self._split(b)
-        with torch.set_grad_enabled(grad), self.model_scorer.autocast(entered=False) or self._fit_autocast():
+        # the whole pass runs outside fastai's step: under the fit's autocast, wherever `MixedPrecision` sits
+        with torch.set_grad_enabled(grad), self._fit_autocast():
             pred = scoring.replay_after_pred(self.learn, self.model_scorer.transforms, model(*xb))
             return xb, scoring.sample_losses(self.learn.loss_func, pred, yb, self.per_sample_loss_func, mixed=False).float()
 

@@ -16,8 +16,16 @@ from .core import per_sample_loss, buffers_restored
 from .recurrent import recurrent_state_kept
 
 # %% auto #0
-__all__ = ['mix_handler', 'sample_losses', 'scoring_forward', 'downscaled', 'check_finite', 'pred_transforms',
+__all__ = ['split_batch', 'mix_handler', 'sample_losses', 'scoring_forward', 'downscaled', 'check_finite', 'pred_transforms',
            'replay_after_pred']
+
+# %% ../nbs/15_scoring.ipynb #n8d57792b
+def split_batch(dls, # The Learner's `DataLoaders` (their `n_inp`, if set)
+                b:tuple, # A batch as a loader gives it
+               ) -> tuple[tuple, tuple]:
+    "A loader's batch as `(xb, yb)`, split as fastai's `Learner` splits it"
+    i = getattr(dls, 'n_inp', 1 if len(b) == 1 else len(b) - 1)
+    return b[:i], b[i:]
 
 # %% ../nbs/15_scoring.ipynb #c005
 def mix_handler(loss_func) -> MixHandler|None:
