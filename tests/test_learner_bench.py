@@ -39,7 +39,7 @@ def test_the_recommendation_says_what_the_figures_say():
         assert (f"{f['speed_up']:.2f}x" if f['speed_up'] != 'never' else 'never') in row
     # the target is the full plain arm's accuracy, averaged over the repeats
     target = sum(r['metric'][-1] for r in g['arms']['plain fastai']['runs']) / 2
-    assert f"accuracy {target:.4g}" in rec
+    assert f"accuracy {100 * target:.2f}%" in rec
 
 def write_module(tmp_path, body):
     (tmp_path/'my_task.py').write_text(textwrap.dedent(f"""

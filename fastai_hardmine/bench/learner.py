@@ -24,7 +24,7 @@ from .report import frontier_table, plot_frontier
 
 # %% auto #0
 __all__ = ['ONE_LINERS', 'load_factory', 'check_factory', 'pick_metric', 'has_default_proxy', 'learner_arms', 'EpochClock',
-           'compare_learner', 'recommendation']
+           'compare_learner', 'shown_as_percent', 'recommendation']
 
 # %% ../../nbs/38_bench.learner.ipynb #c006
 def load_factory(spec:str, # 'module:function', the module importable from the current directory or the path
@@ -195,13 +195,22 @@ def _finish(res:dict, out):
         a['runs'] = a['runs'][:n]
         a['summary'] = dict(final_accuracy=_mean_std([r['final_accuracy'] for r in a['runs']]))
     g['frontier'] = frontier_comparison(g['arms'], res['baseline'])
-    res['table'] = frontier_table([g], lambda v: res['value_scale'] * v, res['metric'])
+    values = [v for a in g['arms'].values() for r in a['runs'] for v in r['metric']]
+    if shown_as_percent(res['metric'], values):
+        res.update(value_scale=100 * res['value_scale'], value_label=f"final {res['metric']} (%)", unit='%')
+    res['table'] = frontier_table([g], lambda v: res['value_scale'] * v, res['metric'] + (' %' if res.get('unit') else ''))
     res['recommendation'] = recommendation(res)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         res['plot'] = str(plot_frontier(res, out))
 
 # %% ../../nbs/38_bench.learner.ipynb #c015
+def shown_as_percent(name:str, # The metric's name
+                     values:list, # Every value it took
+                    ) -> bool:
+    "Whether a metric reads best in % (a share such as accuracy or an error rate, never a loss): all its values lie in [0, 1]"
+    return 'loss' not in name and len(values) > 0 and all(0 <= v <= 1 for v in values)
+
 def recommendation(res:dict, # A result of `compare_learner`
                   ) -> str:
     "One sentence drawn from the measured figures: plain fastai's fastest way to the target, and the best rule against it"
@@ -210,7 +219,8 @@ def recommendation(res:dict, # A result of `compare_learner`
     any_f = next(iter(front.values()))
     target, plain, t_plain = sign * any_f['target'], any_f['plain_arm'], any_f['plain_time_s']
     where = 'the full schedule' if plain == res['baseline'] else f"{plain[len(res['baseline']):].strip()} of the epochs"
-    first = (f"On this task the fastest way to {name} {target:.4g} (plain fastai's full-schedule value, mean of "
+    shown = f"{target:.2f}%" if res.get('unit') == '%' else f"{target:.4g}"
+    first = (f"On this task the fastest way to {name} {shown} (plain fastai's full-schedule value, mean of "
              f"{res['seeds_done']} repeat(s)) was plain fastai at {where} ({t_plain:.1f} s).")
     wins = [(f['speed_up'], m, f) for m, f in front.items() if f['speed_up'] != 'never' and f['speed_up'] > 1]
     if not wins: return first + " No rule beat it here."
