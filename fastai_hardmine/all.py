@@ -7,15 +7,18 @@ __all__ = []
 
 # %% ../nbs/99_all.ipynb #c003
 from fastai.learner import Learner
-from . import core as _core, callback as _callback, prune as _prune, diagnostics as _diagnostics, data as _data
-from .core import *
-from .callback import *
-from .prune import *
-from .diagnostics import *
-from .data import *
+from .core import (per_sample_loss, select_loss_fraction, select_top_k, selective_backprop_probs,
+                                  select_selective_backprop)
+from .callback import HardMiningCallback, BatchLossFilterCallback, TopKCallback, SelectiveBackpropCallback
+from .prune import InfoBatchCallback
+from .diagnostics import precision_recall_at_k
+from .data import digits_data, digits_dls, digits_image_dls, tensor_dls, TensorDataLoader
 from .proxy import Proxy, mlp_proxy, cnn_proxy
 from .rho_loss import Reference, HeldOutWarning
 from .profile import StepProfile
-# nbdev writes an empty `__all__` for a module that defines nothing: list what the star-imports bring
-__all__ = ['Learner'] + _core.__all__ + _callback.__all__ + _prune.__all__ + _diagnostics.__all__ + _data.__all__
-__all__ += ['Proxy', 'mlp_proxy', 'cnn_proxy', 'Reference', 'HeldOutWarning', 'StepProfile']
+
+__all__ = ['Learner', 'per_sample_loss', 'select_loss_fraction', 'select_top_k', 'selective_backprop_probs',
+           'select_selective_backprop', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback',
+           'SelectiveBackpropCallback', 'InfoBatchCallback', 'precision_recall_at_k', 'digits_data', 'digits_dls',
+           'digits_image_dls', 'tensor_dls', 'TensorDataLoader', 'Proxy', 'mlp_proxy', 'cnn_proxy', 'Reference',
+           'HeldOutWarning', 'StepProfile']

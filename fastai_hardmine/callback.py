@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_callback.ipynb #c003
 from __future__ import annotations
+import warnings
 import torch
 from torch import Tensor
 from fastcore.basics import patch
@@ -16,7 +17,7 @@ from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, check_count, check_flag, check_seed,
                                   select_loss_fraction, select_top_k, top_k_count, select_selective_backprop, LossHistory,
-                                  zero_top_losses)
+                                  zero_top_losses, check_per_sample)
 from .schedule import SelectionWindow
 from . import scoring
 from .fitting import in_lr_find, seeded_generator, find_callback, check_only, replace_callback
@@ -152,9 +153,16 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
             self._fit_pending = False
             check_only(self, HardMiningCallback, 'hard-mining callback')
             self.active = not in_lr_find(self.learn)
+            if self.active: self.check_fit(self.learn)
             self.reset()
             self.batch_step = make_step(self, self.learn)
         self.batch_step.new_epoch(self.learn)
+
+    def check_fit(self, learn:Learner):
+        "Refuse, before any batch, a loss function that gives no loss per sample (a rule adds its own checks)"
+        # under MixUp/CutMix the loss the miner makes per-sample is the one `MixHandler` replaced
+        mix = scoring.mix_handler(learn.loss_func)
+        check_per_sample(learn.loss_func if mix is None else mix.old_lf, self.per_sample_loss_func)
 
     def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
     def before_batch(self):
@@ -229,6 +237,14 @@ class TopKCallback(HardMiningCallback):
 
     def select(self, losses): return select_top_k(losses, self.k)
     def keeps_all(self, n): return top_k_count(self.k, n) >= n
+
+    def check_fit(self, learn:Learner):
+        super().check_fit(learn)
+        bs = getattr(learn.dl, 'bs', None)
+        if not isinstance(self.k, float) and bs and self.k >= bs:
+            warnings.warn(f"TopKCallback: k={self.k} is not below the training loader's batch size ({bs}), so every batch "
+                          f"is kept whole and trains as plain fastai would: pass k < {bs}, or a share such as k=0.5",
+                          stacklevel=2)
 
 # %% ../nbs/01_callback.ipynb #c015
 class SelectiveBackpropCallback(HardMiningCallback):

@@ -12,9 +12,9 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['check_unit_interval', 'check_top_k', 'check_count', 'check_seed', 'check_flag', 'check_beta', 'batch_size',
-           'per_sample_loss', 'select_loss_fraction', 'top_k_count', 'select_top_k', 'selective_backprop_probs',
-           'select_selective_backprop', 'LossHistory', 'bucket_count', 'add_highest_dropped', 'zero_top_losses',
-           'subset_batch', 'concat_batches', 'buffers_restored']
+           'check_per_sample', 'per_sample_loss', 'select_loss_fraction', 'top_k_count', 'select_top_k',
+           'selective_backprop_probs', 'select_selective_backprop', 'LossHistory', 'bucket_count',
+           'add_highest_dropped', 'zero_top_losses', 'subset_batch', 'concat_batches', 'buffers_restored']
 
 # %% ../nbs/10_core.ipynb #c006
 def check_unit_interval(name:str, value, low_open:bool=False) -> float:
@@ -79,6 +79,23 @@ def _takes_reduction(f) -> bool:
 _how_to_fix = ("Pass a function of `(pred, *yb)` that returns one loss per sample as `per_sample_loss_func=` "
                "to the hard-mining callback or Learner method (e.g. `learn.top_k(0.5, per_sample_loss_func=f)`).")
 
+def check_per_sample(loss_func, # The Learner's loss function
+                     per_sample_loss_func=None, # The user's per-sample loss function, if any
+                    ):
+    "Raise the `TypeError` `per_sample_loss` would raise at the first batch, now: a loss that can give no loss per sample"
+    if per_sample_loss_func is not None:
+        if not callable(per_sample_loss_func):
+            raise TypeError(f"`per_sample_loss_func` must be a function of `(pred, *yb)` returning one loss per sample, "
+                            f"got {type(per_sample_loss_func).__name__}")
+        return
+    if not (hasattr(loss_func, 'reduction') or _takes_reduction(loss_func)):
+        raise TypeError(f"Cannot compute a per-sample loss with {_loss_name(loss_func)}: it has no `reduction` "
+                        f"attribute and takes no `reduction` argument. {_how_to_fix}")
+
+def _described(loss) -> str:
+    return f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else f"a {type(loss).__name__}"
+
+
 # %% ../nbs/10_core.ipynb #c013
 def per_sample_loss(loss_func, # Loss with a `reduction` attribute or argument, or a per-sample loss
                     pred, # Model output for the batch
@@ -99,9 +116,12 @@ def per_sample_loss(loss_func, # Loss with a `reduction` attribute or argument, 
                           f"attribute and takes no `reduction` argument. {_how_to_fix}")
     if not isinstance(loss, Tensor) or n is None or loss.numel() < n or loss.numel() % n \
        or (loss.ndim > 1 and loss.shape[0] != n) or (loss.ndim == 0 and n != 1):
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise TypeError(f"{_loss_name(loss_func)} returned {shape} for a batch of {n} samples, which is not one or more "
-                        f"values per sample. {_how_to_fix}")
+        got, want = _described(loss), f"a tensor of shape ({n},) or ({n}, ...), one or more values per sample"
+        if is_per_sample:
+            raise TypeError(f"`per_sample_loss_func` ({_loss_name(loss_func)}) returned {got} for a batch of {n} samples; "
+                            f"expected {want}: compute the loss without reducing over the batch (`reduction='none'`)")
+        raise TypeError(f"{_loss_name(loss_func)} returned {got} for a batch of {n} samples with its reduction set to "
+                        f"'none'; expected {want}. {_how_to_fix}")
     # fastai's losses return a `TensorBase`, whose every later op (the rule's sort, cumsum, indexing) would go
     # through its Python `__torch_function__`: a plain view of it keeps the autograd graph and skips that cost
     if type(loss) is not Tensor: loss = loss.as_subclass(Tensor)

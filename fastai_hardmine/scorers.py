@@ -73,7 +73,9 @@ class ModelScorer:
         return self(xb, yb)
 
     def whole(self, xb, yb, ids:Tensor|None):
-        "A batch trained whole, without scoring: nothing to do here (a scorer that learns, such as a proxy, learns from it)"
+        "A batch trained whole, without scoring: only check what scoring will need (a scorer that learns, such as a proxy, learns from it)"
+        # inputs `score_scale` cannot resize are refused at the fit's first batch, not after `warmup` epochs or a `start`
+        if self.scale < 1: scoring.check_images(xb)
 
     def new_epoch(self, learn):
         "A training epoch starts: nothing to do here (a scorer that holds samples out gives fastai its own loader)"

@@ -16,8 +16,8 @@ from .core import per_sample_loss, buffers_restored
 from .recurrent import recurrent_state_kept
 
 # %% auto #0
-__all__ = ['split_batch', 'mix_handler', 'sample_losses', 'scoring_forward', 'downscaled', 'check_finite', 'pred_transforms',
-           'replay_after_pred']
+__all__ = ['split_batch', 'mix_handler', 'sample_losses', 'scoring_forward', 'check_images', 'downscaled', 'check_finite',
+           'pred_transforms', 'replay_after_pred']
 
 # %% ../nbs/15_scoring.ipynb #n8d57792b
 def split_batch(dls, # The Learner's `DataLoaders` (their `n_inp`, if set)
@@ -76,16 +76,22 @@ def scoring_forward(model, # The training model (a `DistributedDataParallel` wra
         except Exception as e: raise _from_the_model(e)
         return losses_of(pred)
 
+def check_images(xb:tuple, # Inputs of a batch
+                ) -> Tensor:
+    "The batch's first input if it is a batch of images, (N, C, H, W) floats, as `score_scale` needs; else a `ValueError`"
+    x = xb[0] if len(xb) else None
+    if not (isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point()):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"`score_scale` resizes image batches of shape (N, C, H, W), but the batch's first input is "
+                         f"{shape}: use score_scale=1 for other inputs")
+    return x
+
 def downscaled(xb:tuple, # Inputs of the batch; the first must be images, (N, C, H, W) floats
                scale:float, # Factor applied to the height and width, in (0, 1]
               ) -> tuple:
     "`xb` with its images resized by `scale` (bilinear), for a cheaper scoring forward; the other inputs as they are"
     if scale == 1: return xb
-    x = xb[0]
-    if not (isinstance(x, Tensor) and x.ndim == 4 and x.is_floating_point()):
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"`score_scale` resizes image batches of shape (N, C, H, W), but the batch's first input is "
-                         f"{shape}: use score_scale=1 for other inputs")
+    x = check_images(xb)
     small = F.interpolate(x, scale_factor=scale, mode='bilinear', align_corners=False, antialias=True)
     return (small, *xb[1:])
 

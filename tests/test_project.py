@@ -25,7 +25,12 @@ def test_all_exposes_public_api():
             "         'per_sample_loss', 'select_loss_fraction', 'select_top_k', 'selective_backprop_probs', 'Learner']\n"
             "missing = [n for n in names if n not in globals()]\n"
             "missing += [m for m in ('batch_loss_filter', 'top_k', 'selective_backprop') if not hasattr(Learner, m)]\n"
-            "assert not missing, missing\n")
+            "assert not missing, missing\n"
+            # what a user calls, not the helpers behind it (which stay importable from their modules)
+            "brought = [n for n in globals() if not n.startswith('__')]\n"
+            "generic = [n for n in ('batch_size', 'smoothed', 'below_mean', 'check_flag', 'MODES', 'bucket_count') if n in brought]\n"
+            "assert not generic and len(brought) <= 25, (generic, len(brought))\n"
+            "from fastai_hardmine.core import batch_size, check_flag, bucket_count\n")
     subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT)
 
 def test_bench_command_runs_demo():
