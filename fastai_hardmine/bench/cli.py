@@ -4,15 +4,10 @@
 
 # %% ../../nbs/36_bench.cli.ipynb #c003
 from __future__ import annotations
-import argparse, json, math, os, platform, sys, time
+import argparse, json, math, os, platform, sys, time, warnings
 from pathlib import Path
-import torch
-import fastai
-from .data import TASKS, bench_config
-from .run import OPTIMIZERS, Progress, plan_task, run_task
-from .learner import ONE_LINERS, load_factory, compare_learner
-from .report import (READING, FRONTIER_READING, format_task_table, format_frontier_table,
-                                          format_noise_note, format_task_note, format_left_out, plot_task)
+# the parser needs the settings only: torch, fastai and the training modules are imported when a run starts
+from .config import TASKS, OPTIMIZER_NAMES, ONE_LINER_NAMES, bench_config
 
 # %% auto #0
 __all__ = ['main']
@@ -59,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="epoch budgets of the hard-mining arms in %% of --epochs; above 100 lets a rule with cheaper epochs "
                    f"train longer (default: {_pcts(bench_config('filter')['mining_budgets'])})")
     p.add_argument('--lr', type=float, default=None, help="peak learning rate of the one-cycle schedule (default: the task's)")
-    p.add_argument('--opt', choices=tuple(OPTIMIZERS), default=None, help="optimizer (default: the task's, see bench_config)")
+    p.add_argument('--opt', choices=OPTIMIZER_NAMES, default=None, help="optimizer (default: the task's, see bench_config)")
     p.add_argument('--bs', type=int, default=None, help='batch size of the filter and selective tasks (default: 128)')
     p.add_argument('--loss', choices=('l2', 'ce'), default=None,
                    help="ohem loss: 'l2' between softmax and one-hot as in the OHEM experiments (default) or 'ce'")
@@ -68,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('your own task', 'compare plain fastai and the rules on a Learner you build (needs --epochs and --lr)')
     g.add_argument('--learner', metavar='MODULE:FUNCTION', default=None,
                    help='a function returning a fresh, identically initialised Learner, importable from the current directory')
-    g.add_argument('--arms', default=None, metavar='NAMES', help=f"comma-separated rules to run, from {', '.join(ONE_LINERS)} "
+    g.add_argument('--arms', default=None, metavar='NAMES', help=f"comma-separated rules to run, from {', '.join(ONE_LINER_NAMES)} "
                    "(default: all; proxy where the model's inputs have a default proxy)")
     g.add_argument('--metric', default=None, help="the recorded metric to compare at (default: the Learner's first metric)")
     g.add_argument('--lower-is-better', action='store_true', default=None,
@@ -89,12 +84,23 @@ def _check_positive(p:argparse.ArgumentParser, args):
         if v is not None and v < 1: p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.lr is not None and not args.lr > 0: p.error(f"--lr must be > 0, got {args.lr}")
 
+def _import_training():
+    "torch, fastai and the benchmark's `run`, `learner` and `report` modules, imported when a run starts"
+    with warnings.catch_warnings():
+        # fastai 2.8's `fastai/layers.py` calls `torch.jit.script` at import, which torch deprecates with a FutureWarning
+        # printed on every run: that warning, raised by that import, and no other
+        warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+        import torch, fastai
+        from fastai_hardmine.bench import run, learner, report
+    return torch, fastai, run, learner, report
+
 def _run_learner(p:argparse.ArgumentParser, args):
     "`hardmine-bench --learner module:function`: the comparison on the user's own Learner"
     if args.epochs is None or args.lr is None: p.error("--learner needs --epochs and --lr: the full one-cycle schedule to compare at")
     # the factory's module is looked up from the current directory first, as `python -m` would
     sys.path.insert(0, os.getcwd())
-    try: factory = load_factory(args.learner)
+    _, _, _, learner, report = _import_training()
+    try: factory = learner.load_factory(args.learner)
     except ValueError as e: p.error(str(e))
     out, seeds = Path(args.out), args.seeds or 3
     methods = args.arms.split(',') if args.arms else None
@@ -102,12 +108,12 @@ def _run_learner(p:argparse.ArgumentParser, args):
     plain = args.plain_budgets if args.plain_budgets is not None else [.4, .55, .7, .85]
     print(f"hardmine-bench --learner {args.learner}: {args.epochs} epochs of one-cycle at lr {args.lr:g}, {seeds} repeat(s); "
           f"results in {out}/", flush=True)
-    try: res = compare_learner(factory, args.epochs, args.lr, methods, plain, args.mining_budgets or [1., .7], seeds,
+    try: res = learner.compare_learner(factory, args.epochs, args.lr, methods, plain, args.mining_budgets or [1., .7], seeds,
                                args.metric, higher, out)
     except (ValueError, TypeError) as e: raise SystemExit(f"hardmine-bench: {e}")
     (out/'learner.json').write_text(json.dumps(res, indent=1))
-    (out/'learner.md').write_text(f"## {args.learner}\n\n{res['table']}\n\n{res['recommendation']}\n\n{FRONTIER_READING}\n")
-    print(f"\n{res['table']}\n\n{res['recommendation']}\n\n{FRONTIER_READING}")
+    (out/'learner.md').write_text(f"## {args.learner}\n\n{res['table']}\n\n{res['recommendation']}\n\n{report.FRONTIER_READING}\n")
+    print(f"\n{res['table']}\n\n{res['recommendation']}\n\n{report.FRONTIER_READING}")
     if res['interrupted']: raise SystemExit(130)
 
 def main(argv:list[str]|None=None, # Command line arguments, without the program name
@@ -120,6 +126,7 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
     if args.learner is not None: return _run_learner(p, args)
     # bars redrawn into a log file pile up (hundreds of KB per run): a log gets one line per arm instead
     show_bar = show_bar and sys.stdout.isatty()
+    torch, fastai, run, _, report = _import_training()
     if args.device is None: args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -140,14 +147,14 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
           f"{meta['threads']} threads); torch {torch.__version__}, fastai {fastai.__version__}; results in {out}/")
     start = time.perf_counter()
     # a short warm-up of every method first, so the time left is estimated for all tasks from the first line on
-    planned = [run for task in tasks for run in plan_task(task, cfgs[task], seeds, device, out, args.same_seed)]
-    progress = Progress(planned)
+    planned = [run for task in tasks for run in run.plan_task(task, cfgs[task], seeds, device, out, args.same_seed)]
+    progress = run.Progress(planned)
     first = sum(e for _, e in planned)
     print(f"{len(planned)} runs, about {f'{first:.0f} s' if first < 90 else f'{first / 60:.0f} min'} by a first estimate "
           "(refined as runs finish)", flush=True)
     results = dict(meta=meta, tasks={})
     for task in tasks:
-        results['tasks'][task] = run_task(task, cfgs[task], seeds, device, out, show_bar, same_seed=args.same_seed,
+        results['tasks'][task] = run.run_task(task, cfgs[task], seeds, device, out, show_bar, same_seed=args.same_seed,
                                           progress=progress)
         # written after every task, so an interrupted run keeps what it finished
         meta['wall_s'] = time.perf_counter() - start
@@ -155,17 +162,17 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
     meta['finished'] = time.strftime('%Y-%m-%d %H:%M:%S')
     (out/'results.json').write_text(json.dumps(results, indent=1))
     for task, res in results['tasks'].items():
-        table, note = format_task_table(res), '\n'.join(filter(None, [format_noise_note(res), format_task_note(res),
-                                                                         format_left_out(res, seeds)]))
-        headline = format_frontier_table(res)
+        table, note = report.format_task_table(res), '\n'.join(filter(None, [report.format_noise_note(res), report.format_task_note(res),
+                                                                         report.format_left_out(res, seeds)]))
+        headline = report.format_frontier_table(res)
         cfg = res['config']
         budgets = (f"plain fastai also at {_pcts(cfg['plain_budgets']) or 'no shorter schedule'}%, "
                    f"rules at {_pcts(cfg['mining_budgets'])}%")
         title = (f"## {task}: {cfg['data']} ({res['n_train']} train / {res['n_valid']} valid), {cfg['epochs']} epochs "
                  f"({budgets}), {seeds} repeat(s), {res['device']}")
         (out/f'{task}.md').write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n**Headline: each method's frontier "
-                                      f"against plain fastai's**\n\n{headline}\n\n{FRONTIER_READING}\n\n**Every arm**\n\n"
-                                      f"{table}\n\n{note}\n\n{READING}\n")
-        plot_task(res, out)
+                                      f"against plain fastai's**\n\n{headline}\n\n{report.FRONTIER_READING}\n\n**Every arm**\n\n"
+                                      f"{table}\n\n{note}\n\n{report.READING}\n")
+        report.plot_task(res, out)
         print(f"\n{title}\n\nHeadline: each method's frontier against plain fastai's\n\n{headline}\n\nEvery arm\n\n{table}\n\n{note}")
-    print(f"\n{FRONTIER_READING}\n\n{READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
+    print(f"\n{report.FRONTIER_READING}\n\n{report.READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")

@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from ..data import digits_data
+# each task's settings live in `bench.config` (no torch, so the command line's `--help` needs none); imported here too
+from .config import TASKS, bench_config, budget_epochs  # noqa: F401
 
 # %% auto #0
-__all__ = ['TASKS', 'mnist1d_data', 'bench_data', 'flip_labels', 'budget_epochs', 'bench_config']
+__all__ = ['mnist1d_data', 'bench_data', 'flip_labels']
 
 # %% ../../nbs/30_bench.data.ipynb #c006
 def _mnist1d():
@@ -70,54 +72,3 @@ def flip_labels(y:Tensor, # Integer class labels
     # an offset in 1..n_classes-1 never lands on the label itself
     y[idx] = (y[idx] + torch.randint(1, n_classes, (n,), generator=g)) % n_classes
     return y
-
-# %% ../../nbs/30_bench.data.ipynb #c024
-TASKS = ('ohem', 'filter', 'selective')
-
-_BUDGETS = dict(plain_budgets=[.4, .55, .7, .85], mining_budgets=[1., .85, .7, .55, .4])
-_DEFAULTS = dict(
-    ohem=dict(data='mnist1d', num_samples=10_000, epochs=30, lr=3e-3, opt='adam', loss='l2', hidden=1024, act='sigmoid',
-              nk=[(512, 512), (1024, 1024), (1024, 512), (512, 384), (1024, 128)], **_BUDGETS),
-    filter=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64, min_loss_perc=0.9,
-                info_batch=0.5, **_BUDGETS),
-    selective=dict(data='mnist1d', num_samples=10_000, epochs=12, lr=1e-2, opt='adam', bs=128, channels=64,
-                   noise=[0., .2],
-                   arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=1, scorer='proxy'),
-                         dict(beta=1, scorer='reference')], rho_loss=0.1, info_batch=0.5, **_BUDGETS),
-)
-_QUICK = dict(
-    ohem=dict(num_samples=3_000, epochs=8, nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)], mining_budgets=[1.]),
-    filter=dict(num_samples=3_000, epochs=6, mining_budgets=[1.]),
-    selective=dict(num_samples=3_000, epochs=6, noise=[0., .2],
-                   arms=[dict(beta=1), dict(beta=1, scorer='proxy'), dict(beta=3, staleness=1)], info_batch=0,
-                   mining_budgets=[1.]),
-)
-
-def budget_epochs(epochs:int, # The task's full epoch count
-                  budget:float, # Fraction of it
-                 ) -> int:
-    "Epochs of a budget: `epochs * budget` rounded half up, at least 1"
-    # rounded half up rather than Python's half-to-even, so that 10 * 0.55 gives 6 like 6 * 0.75 gives 5
-    return max(1, math.floor(epochs * budget + .5 + 1e-9))
-
-def _check_budgets(cfg:dict):
-    plain, mining = cfg['plain_budgets'], cfg['mining_budgets']
-    if any(not 0 < b < 1 for b in plain):
-        raise ValueError(f"`plain_budgets` must be fractions in (0, 1) (the full schedule always runs), got {plain!r}")
-    if not mining or any(not b > 0 for b in mining):
-        raise ValueError(f"`mining_budgets` must be one or more fractions > 0, got {mining!r}")
-
-def bench_config(task:str, # 'ohem', 'filter' or 'selective'
-                 quick:bool=False, # The quick (smoke-test) settings
-                 **overrides, # Settings to change; None values are ignored
-                ) -> dict:
-    "The settings of `task`: full or quick, with `overrides` applied"
-    if task not in TASKS: raise ValueError(f"`task` must be one of {TASKS}, got {task!r}")
-    cfg = copy.deepcopy(_DEFAULTS[task])
-    if quick: cfg.update(copy.deepcopy(_QUICK[task]))
-    unknown = set(overrides) - set(cfg) - {'valid_per_epoch'}
-    if unknown: raise ValueError(f"Unknown settings for task {task!r}: {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
-    cfg.setdefault('valid_per_epoch', 1)
-    _check_budgets(cfg)
-    return cfg

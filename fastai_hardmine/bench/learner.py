@@ -17,6 +17,7 @@ from .. import callback as _callback  # noqa: F401 (the rules' Learner methods)
 from .. import prune as _prune  # noqa: F401 (adds Learner.info_batch)
 from ..proxy import Proxy, default_proxy
 from ..rho_loss import HeldOutWarning
+from .config import ONE_LINER_NAMES
 from .tasks import Arm, budget_arms
 from .compare import rotated, frontier_comparison, arm_time, _mean_std
 from .run import Progress
@@ -79,6 +80,7 @@ ONE_LINERS = {
     'info_batch': ('info_batch()', lambda learn: learn.info_batch()),
     'proxy': ('selective_backprop(beta=1, scorer=Proxy())', lambda learn: learn.selective_backprop(1, scorer=Proxy())),
 }
+assert tuple(ONE_LINERS) == ONE_LINER_NAMES, "`bench.config.ONE_LINER_NAMES` names what `--arms` offers: keep the two alike"
 
 def has_default_proxy(learn:Learner) -> bool:
     "Whether `Proxy()` has a default proxy model for the Learner's inputs and outputs"

@@ -19,6 +19,7 @@ from fastai.callback.progress import ProgressCallback  # noqa: F401 (adds Learne
 from .. import callback as _callback  # noqa: F401 (adds Learner.hard_miner and the rules' Learner methods)
 from ..data import tensor_dls
 from .data import bench_data, flip_labels
+from .config import OPTIMIZER_NAMES
 from .tasks import BenchTask, bench_task
 from .compare import rotated, compare_repeat, compare_steady, arm_summary, frontier_comparison
 from ..rho_loss import HeldOutWarning
@@ -158,6 +159,7 @@ def _binned(pos:list[float], values:list[float], max_points:int=100) -> dict:
     return dict(epoch=[float(pos[p].mean()) for p in parts], value=[float(values[p].mean()) for p in parts])
 
 OPTIMIZERS = dict(adam=Adam, sgd=SGD)
+assert tuple(OPTIMIZERS) == OPTIMIZER_NAMES, "`bench.config.OPTIMIZER_NAMES` names what `--opt` offers: keep the two alike"
 
 def train_arm(data:tuple, # `x_train, y_train, x_valid, y_valid`
               make_model, # Function returning a new model
