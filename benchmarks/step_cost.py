@@ -96,7 +96,8 @@ def main():
     p.add_argument('--json', help='write the table as JSON to this path')
     p.add_argument('--steps', type=int, default=12, help='steps per measurement, the first two dropped (default 12)')
     p.add_argument('--rounds', type=int, default=3, help='rounds, arms alternating (default 3)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='torch device (default: cuda when available, else cpu)')
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from fastcore.foundation import L
+from fastai.torch_core import batch_to_samples
 from fastai.data.load import DataLoader
-from fastai.data.core import DataLoaders, Datasets
+from fastai.data.core import DataLoaders, Datasets, TfmdLists
 from fastai.data.transforms import Categorize, ToTensor, IntToFloatTensor
 from fastai.vision.core import PILImageBW
 
@@ -24,6 +26,17 @@ class IndexedTensors:
         self.tensors = tensors
     def __len__(self): return len(self.tensors[0])
     def __getitem__(self, i): return i
+    # fresh zero-length tensors, not `t[:0]`: a view would pickle its whole storage into `learn.export()`'s file
+    def new_empty(self): return type(self)(*(t.new_empty((0, *t.shape[1:])) for t in self.tensors))
+
+def _as_indexed_tensors(items) -> IndexedTensors:
+    "`items` as `IndexedTensors`: as they are, one tensor of rows, or a list of rows (what `learn.predict` passes)"
+    if isinstance(items, IndexedTensors): return items
+    if isinstance(items, Tensor): return IndexedTensors(items)
+    if isinstance(items, (list, tuple)) and items and all(isinstance(o, Tensor) for o in items):
+        return IndexedTensors(torch.stack(list(items)))
+    raise TypeError(f"A TensorDataLoader needs `IndexedTensors`, a tensor of rows or a non-empty list of tensor rows, "
+                    f"got {type(items).__name__}")
 
 class TensorDataLoader(DataLoader):
     "A fastai `DataLoader` over `IndexedTensors` that builds each batch with one indexing per tensor"
@@ -31,6 +44,12 @@ class TensorDataLoader(DataLoader):
         idx = torch.as_tensor(b, dtype=torch.long)
         return tuple(t[idx] for t in self.dataset.tensors)
     def retain(self, res, b): return res
+    def new(self, dataset=None, cls=None, **kwargs):
+        "A copy of this loader, over `dataset` (`IndexedTensors`, a tensor of rows or a list of rows) if given"
+        return super().new(None if dataset is None else _as_indexed_tensors(dataset), cls, **kwargs)
+    def decode_batch(self, b, max_n:int=9, full:bool=True):
+        "The first `max_n` samples of batch `b`, as they are (tensors have no transforms to undo)"
+        return L(batch_to_samples(b, max_n=max_n))
 
 # %% ../nbs/04_data.ipynb #c007
 def tensor_dls(x_train:Tensor, y_train:Tensor, x_valid:Tensor, y_valid:Tensor,
@@ -67,15 +86,9 @@ def digits_dls(bs:int=64, # Batch size
     return tensor_dls(*digits_data(valid_pct, seed), bs=bs, device=device)
 
 # %% ../nbs/04_data.ipynb #c012
-class _DigitImages:
-    "Item `i` of the digits as an 8x8 grey image (a class, so that the loaders pickle with `learn.export()`)"
-    def __init__(self, pixels:Tensor): self.pixels = pixels
-    def __call__(self, i): return PILImageBW.create((self.pixels[i] * 255).reshape(8, 8).byte().numpy())
-
-class _DigitLabels:
-    "Item `i`'s label, as an int"
-    def __init__(self, labels:Tensor): self.labels = labels
-    def __call__(self, i): return int(self.labels[i])
+def _digit_image(pixels:Tensor) -> PILImageBW:
+    "A digit's 64 pixels in [0, 1] as an 8x8 grey image"
+    return PILImageBW.create((pixels * 255).reshape(8, 8).byte().numpy())
 
 def digits_image_dls(bs:int=64, # Batch size
                      valid_pct:float=0.2, # Share of the images held out for validation
@@ -86,5 +99,6 @@ def digits_image_dls(bs:int=64, # Batch size
     x, y, xv, yv = digits_data(valid_pct, seed)
     pixels, labels = torch.cat([x, xv]), torch.cat([y, yv])
     splits = [list(range(len(x))), list(range(len(x), len(pixels)))]
-    dsets = Datasets(range(len(pixels)), [[_DigitImages(pixels)], [_DigitLabels(labels), Categorize()]], splits=splits)
-    return dsets.dataloaders(bs=bs, after_item=[ToTensor()], after_batch=[IntToFloatTensor()], device=device)
+    # items are the data itself, not indices into tensors a transform holds: `new_empty` then leaves nothing to export
+    tls = [TfmdLists(list(pixels), [_digit_image], splits=splits), TfmdLists(labels.tolist(), [Categorize()], splits=splits)]
+    return Datasets(tls=tls).dataloaders(bs=bs, after_item=[ToTensor()], after_batch=[IntToFloatTensor()], device=device)

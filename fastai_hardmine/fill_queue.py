@@ -29,16 +29,16 @@ class FillQueue:
 
     def ready(self,
               bs:int, # Samples in a full training batch
-              last:bool=False, # The epoch's last loader batch: whatever waits must be trained now
+              last:bool=False, # The epoch's last loader batch: whatever waits trains now, however few
              ) -> bool:
-        "True if the waiting samples make a full batch, or this is the epoch's last chance to train them"
+        "True if the waiting samples make a full batch, or some wait at the epoch's last batch"
         return self.count >= bs or (last and self.count > 0)
 
     def pop(self,
-            bs:int, # Samples in a full training batch
-            last:bool=False, # Take everything, however many (the epoch's last loader batch)
+            bs:int, # Samples in a full training batch: the most taken
+            last:bool=False, # Take everything, however many (a drain; `FillBatches` never asks, a step stays within `bs`)
            ):
-        "The first `bs` waiting samples as one batch (all of them when `last`); the rest keep waiting"
+        "The first `bs` waiting samples as one batch (all of them if fewer wait, or when `last`); the rest keep waiting"
         batch, n = concat_batches(self.batches), self.count
         self.clear()
         if last or n <= bs: return batch
@@ -64,16 +64,16 @@ class FillBatches:
 
     def take(self,
              batch, # The kept samples of this loader batch, `(xb, yb, ids)`
-             last:bool=False, # The epoch's last loader batch: whatever waits trains now
+             last:bool=False, # The epoch's last loader batch: whatever waits trains now, up to a full batch (the rest waits on)
              device=None, # Device of the all-reduce under NCCL
             ):
         "The batch to train now, or None while the waiting samples fill none (decided alike by every DDP process)"
         self.queue.push(batch)
         if not across_processes(self.queue.ready(self.bs, last), 'min', device): return None
-        return self.queue.pop(self.bs, last)
+        return self.queue.pop(self.bs)
 
     def with_whole(self, batch): # A loader batch trained whole, `(xb, yb, ids)`
-        "`batch` with every waiting sample in front of it, so that none is left untrained"
-        if not self.waiting: return batch
-        self.queue.push(batch)
-        return self.queue.pop(self.bs, last=True)
+        "`batch` with as many waiting samples in front of it as fit in the loader's batch size; the others keep waiting"
+        room = min(self.waiting, self.bs - (batch_size(batch) or 0))
+        if room <= 0: return batch
+        return concat_batches([self.queue.pop(room), batch])

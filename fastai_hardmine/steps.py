@@ -71,7 +71,8 @@ class SubsetStep(PlainStep):
         self.current, self.deferred = (None, None), False
 
     def new_epoch(self, learn):
-        self.batches.clear(); self.accumulation.new_epoch(); self.counts.new_epoch(); self.scorer.new_epoch(learn)
+        # samples still waiting (more than the epoch's last step could take) carry on, ahead of the new epoch's kept ones
+        self.accumulation.new_epoch(); self.counts.new_epoch(); self.scorer.new_epoch(learn)
 
     def end_fit(self): self.batches.clear()
 
@@ -106,14 +107,13 @@ class SubsetStep(PlainStep):
         return BatchSelection(n, add_highest_dropped(losses, idx, n_keep), losses, n_scored, ids, scored.pred, scored.reached)
 
     def _train_whole(self, learn, n:int, ids):
-        "A batch kept whole or not selected on: no scoring, fastai's own step, with any waiting samples trained in front"
-        waiting = self.batches.waiting
-        self.records.add(BatchSelection.whole(n, learn.yb[0].device, ids), trained=n + waiting)
+        "A batch kept whole or not selected on: no scoring, fastai's own step, with waiting samples in front as room allows"
         xb, yb, trained_ids = self.batches.with_whole((learn.xb, learn.yb, ids))
+        self.records.add(BatchSelection.whole(n, learn.yb[0].device, ids), trained=batch_size(yb))
         self.counts.kept(ids); self.counts.trained(trained_ids)
         self.scorer.whole(learn.xb, learn.yb, ids)
         self.current = BatchSelection.whole(n, ids=ids), trained_ids
-        if waiting: learn.xb, learn.yb = xb, yb
+        if xb is not learn.xb: learn.xb, learn.yb = xb, yb
 
     def _defer(self, learn, sel:BatchSelection):
         "Nothing fills a batch yet: skip fastai's forward, backward and step, but log the batch's loss"

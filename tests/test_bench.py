@@ -1,5 +1,5 @@
 "The benchmark: tiny runs of every task end to end, the JSON they produce, the comparison with plain fastai's schedules, the command line and the data cache."
-import json, math, statistics, sys
+import json, math, re, statistics, sys
 import numpy as np
 import pytest
 import torch
@@ -40,7 +40,7 @@ def results(tmp_path_factory):
 RUN_FIELDS = {'seed', 'repeat', 'epochs', 'equal_accuracy', 'steady', 'final_accuracy', 'final_valid_loss', 'train_time_s', 'epoch_train_s', 'curve', 'samples',
               'kept_share', 'kept_share_end', 'kept_share_curve', 'train_loss_curve', 'target', 'target_99',
               'time_to_target_s', 'time_to_target_99_s', 'base_time_to_target_s', 'base_time_to_target_99_s',
-              'speed_up', 'speed_up_99'}
+              'speed_up', 'speed_up_99', 'load_1min'}
 SUMMARY_FIELDS = {'final_accuracy', 'final_error', 'final_valid_loss', 'train_time_s', 'kept_share', 'kept_share_end',
                   'samples', 'time_to_target_s', 'speed_up', 'target_reached_seeds', 'time_to_target_99_s',
                   'speed_up_99', 'target_99_reached_seeds', 'train_time', 'equal_accuracy'}
@@ -232,7 +232,7 @@ def test_tables_and_plots(results, tmp_path):
         # the medians with their spread over 2 repeats, and the plain schedule that was fastest
         assert table.count('x [') >= 3 * sum(len(g['arms']) for g in res['groups']) and '| full |' in table
         note = format_noise_note(res)
-        assert note.startswith('Noise') and f'each of {SEEDS} repeats' in note
+        assert note.startswith('Timing noise of this run: ±') and f'over {SEEDS} repeats of the same work' in note
         pngs = sorted(p.name for p in plot_task(res, tmp_path))
         for png in ('accuracy_vs_time', 'frontier', 'kept_share'): assert f'{task}_{png}.png' in pngs
     for p in tmp_path.glob('*.png'): assert p.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -275,10 +275,17 @@ def test_cli_writes_results_and_reuses_the_cache(tmp_path, monkeypatch, capsys):
     progress = [l for l in printed.splitlines() if l.startswith('[')]
     assert len(progress) == n_runs and progress[0].startswith(f'[1/{n_runs}] ohem · seed 0 · 512:512 (plain fastai): ')
     assert all(' left' in l for l in progress[:-1]) and progress[-1].endswith(', done')
-    assert 'One repeat only: one quick repeat is noisy, and ratios within about ±30% of 1 mean nothing' in printed
+    # the run's own timing noise, measured, and the terminal's compact table (the markdown keeps every column)
+    assert re.search(r'Timing noise of this run: ±\d+%, (the largest of|from) (epochs|load)', printed) and 'One repeat only' in printed
+    tables = [l for l in printed.splitlines() if l.startswith(('arm ', 'noise ')) and 'vs fastest' in l]
+    assert len(tables) == 3 and max(len(l) for l in printed.splitlines() if l.startswith(('512:', 'plain', '0%', '20%'))) <= 105
+    assert '| vs fastest plain |' not in printed and 'scored / trained' not in printed
     for task in TASKS:
         md = (out/f'{task}.md').read_text()
         assert f'## {task}:' in printed and '| vs fastest plain |' in md and 'One repeat only' in md
+        assert 'Timing noise of this run' in md and ' ± ' not in md.split('**Every arm**')[1].split('\n')[4]
+        noise = res['tasks'][task]['timing_noise']
+        assert noise['level'] is not None and noise['sources']['repeats'] is None
         # the headline table, and what the quick run left out of the full one
         assert '| speed-up | vs full plain | per seed |' in md and 'Left out of the full benchmark' in md
         assert ('| 512:512 (plain fastai) 50% |' if task == 'ohem' else '| plain fastai 50% |') in md

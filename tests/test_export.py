@@ -1,12 +1,17 @@
-"What `learn.export()` keeps of a miner (its settings, none of its run state), and errors of the user's model met in the scoring forward."
+"""What `learn.export()` keeps of a miner (its settings, none of its run state), the package's own loaders exported without
+their data and predicting after `load_learner`, and errors of the user's model met in the scoring forward."""
 import pickle, subprocess, sys
 import pytest
 import torch
 from torch import nn
-from fastai.learner import load_learner
+from fastai.learner import Learner, load_learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.torch_core import set_seed
+from fastcore.test import test_close as close, test_eq as equal
 from fastai_hardmine.callback import TopKCallback, BatchLossFilterCallback, SelectiveBackpropCallback
 from fastai_hardmine.steps import PlainStep
-from test_callback import make_learner, digits, mlp_bn
+from fastai_hardmine.data import tensor_dls, digits_dls, digits_image_dls, digits_data, IndexedTensors
+from test_callback import make_learner, digits, mlp_bn, quiet
 from test_subset import one_thread  # noqa: F401 (fixture)
 
 MINERS = {
@@ -125,3 +130,77 @@ def test_export_of_a_language_model_miner_holds_no_hidden_state(tmp_path):
     assert len(loaded.records.kept) == 0 and loaded.k == miner.k
     # (this hand-built LM's loaders cannot be exported by fastai itself: the callback's own state is measured instead)
     assert len(pickle.dumps(own)) < 1536
+
+# ---------------------------------------------------------------------------------------------------------------
+# the package's own loaders: export without their data, load, predict
+
+XT, YT, XV, YV = digits_data()
+LOADERS = {'tensor_dls': lambda xt=XT, yt=YT: tensor_dls(xt, yt, XV, YV, bs=64),
+           'digits_dls': lambda: digits_dls(bs=64), 'digits_image_dls': lambda: digits_image_dls(bs=64)}
+
+def package_learner(dls):
+    set_seed(0)
+    # `Flatten` lets the same model take the 8x8 images and the rows of 64 pixels
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    learn = quiet(Learner(dls, model, CrossEntropyLossFlat())).top_k(0.5)
+    learn.fit(1, 1e-2)
+    return learn
+
+@pytest.mark.parametrize('name', LOADERS)
+def test_package_loaders_export_without_data_and_predict_as_before(name, tmp_path):
+    learn = package_learner(LOADERS[name]())
+    valid_preds = learn.get_preds()[0]
+    rows = [learn.predict(XV[i]) for i in range(5)]
+    learn.export(tmp_path/'export.pkl')
+    # the training pixels alone are 368 KB (the image loaders' export was over 500 KB when a transform held them); the
+    # export is the model (19 KB of weights here), the miner's settings and the empty loaders: 46 KB for the tensor
+    # loaders, 70 KB for the images (their empty `Datasets` keep the split's indices, as fastai's `new_empty` does)
+    size = (tmp_path/'export.pkl').stat().st_size
+    assert size < 96 * 1024 < XT.nbytes, size
+    loaded = load_learner(tmp_path/'export.pkl')
+    assert len(loaded.dls.train_ds) == len(loaded.dls.valid_ds) == 0
+    assert type(loaded.hard_miner) is TopKCallback and loaded.hard_miner.k == 0.5
+    # the export leaves the Learner's own loaders in place
+    assert len(learn.dls.train_ds) == len(XT)
+    # a test set of raw input rows gives the validation predictions again, in order
+    close(loaded.get_preds(dl=loaded.dls.test_dl(XV))[0], valid_preds)
+    for i, (decoded, idx, probs) in enumerate(rows):
+        got_decoded, got_idx, got_probs = loaded.predict(XV[i])
+        equal(got_idx, idx); close(got_probs, probs); assert got_decoded == decoded
+        equal(idx, probs.argmax())
+        # tensor loaders have no vocab: the decoded prediction is the class index; the images' is the category
+        assert (decoded == idx) if name != 'digits_image_dls' else (decoded == str(int(idx)))
+
+def test_tensor_loader_export_size_does_not_grow_with_the_training_set(tmp_path):
+    sizes = []
+    for times in (1, 4):
+        learn = package_learner(LOADERS['tensor_dls'](XT.repeat(times, 1), YT.repeat(times)))
+        learn.export(tmp_path/f'{times}.pkl')
+        sizes.append((tmp_path/f'{times}.pkl').stat().st_size)
+    assert abs(sizes[1] - sizes[0]) < 256, sizes
+
+def test_tensor_loader_test_dl_with_labels_and_wrong_items():
+    learn = package_learner(LOADERS['tensor_dls']())
+    preds, targs = learn.get_preds(dl=learn.dls.test_dl(IndexedTensors(XV, YV), with_labels=True))
+    equal(targs, YV); close(preds, learn.get_preds()[0])
+    # a list of rows (what `predict` passes) is stacked; anything else is refused by name
+    close(learn.get_preds(dl=learn.dls.test_dl([XV[0], XV[1]]))[0], preds[:2])
+    with pytest.raises(TypeError, match='TensorDataLoader needs'): learn.dls.test_dl([1, 2])
+
+FRESH = """
+import sys, torch
+from fastai.learner import load_learner
+learn = load_learner(sys.argv[1])
+x = torch.load(sys.argv[2])
+torch.save(torch.stack([learn.predict(r)[2] for r in x]), sys.argv[3])
+"""
+
+@pytest.mark.parametrize('name', ['tensor_dls', 'digits_image_dls'])
+def test_package_loaders_load_in_a_fresh_process(name, tmp_path):
+    learn = package_learner(LOADERS[name]())
+    expected = torch.stack([learn.predict(r)[2] for r in XV[:5]])
+    learn.export(tmp_path/'export.pkl')
+    torch.save(XV[:5].clone(), tmp_path/'x.pt')
+    subprocess.run([sys.executable, '-c', FRESH, *(str(tmp_path/f) for f in ('export.pkl', 'x.pt', 'preds.pt'))], check=True,
+                   capture_output=True)
+    close(torch.load(tmp_path/'preds.pt'), expected)

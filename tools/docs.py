@@ -1,6 +1,6 @@
 """Build the documentation site from the notebooks, and check it in a headless browser.
 
-    python tools/docs.py build     # the site, in _docs/ (open _docs/index.html)
+    python tools/docs.py build     # the site, in _docs/ (open _docs/index.html); --verbose prints nbdev's warnings
     python tools/docs.py check     # every page in headless Chromium: pages load, links resolve, images load,
                                    # no traceback; screenshots in _docs_check/
     python tools/docs.py serve     # build, then serve _docs/ on http://localhost:8000
@@ -19,13 +19,20 @@ cross-links are made relative to the site; each `show_doc` source link points to
 the site (`src/records.html#L-21`, `src/bench.data.html#L-12` for a subpackage's module), since the package has no public
 repository to link to; the navigation groups the pages by the number their notebook's file name starts with: "Using it"
 (the home page, the tutorial, notebooks 00-09, the results), "How it works" (10-29, and 99_all) and "Benchmark" (30-39).
+Each page opens with its notebook's title and its `> summary` line (nbdev moves both into the front matter, which only
+Quarto reads). A `show_doc` that repeats the parameters of one shown earlier on its page (a rule's `@delegates` to
+`HardMiningCallback`) shows its own and links to the other for the rest; nbdev's second `show_doc` of a patched method that
+already has one (nbdev adds one after every exported cell, missing `show_doc(Learner.x)`) is left out. Code blocks wrap their
+long lines and inline code in tables keeps its words whole (`EXTRA_CSS`); `check` fails a page where either does not hold.
+nbdev's warnings while it processes the notebooks are counted on one line and listed in _proc/docs_warnings.txt.
 """
 from __future__ import annotations
-import argparse, functools, http.server, json, os, re, shutil, subprocess, sys, threading
+import argparse, functools, http.server, itertools, json, os, re, shutil, subprocess, sys, threading, warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE, STAGE, SHOTS = ROOT/'_docs', ROOT/'_proc'/'_site_src', ROOT/'_docs_check'
+WARNINGS, THEME = ROOT/'_proc'/'docs_warnings.txt', ROOT/'_proc'/'_site_theme'
 
 # the navigation's sections, from the number a notebook's file name starts with: 00-09 is what a user calls (with the home
 # page, the tutorial and the results), 30-39 the benchmark (`bench.*`), any other number how the package works (10-29,
@@ -108,15 +115,89 @@ def _fix_links(text:str, modules:set[str]) -> str:
 def _library_warning(output:dict) -> bool:
     "A stderr output that only holds warnings raised inside installed libraries (torch's deprecations at import, ...)"
     if output.get('output_type') != 'stream' or output.get('name') != 'stderr': return False
-    heads = [l for l in ''.join(output['text']).splitlines() if l.strip() and not l.startswith(' ')]
-    return bool(heads) and all(re.search(r'/site-packages/.+:\d+: \w*Warning: ', l) for l in heads)
+    # each warning: `file:line: Category: message`, the message's further lines, then the source line, indented
+    records = re.split(r'(?m)^(?=\S+:\d+: \w*Warning: )', ''.join(output['text']))
+    if records[0].strip() or len(records) < 2: return False
+    def library(record):
+        lines = record.rstrip('\n').splitlines()
+        after_source = list(itertools.dropwhile(lambda l: not l.startswith(' '), lines))
+        return re.match(r'\S*/site-packages/\S+:\d+: ', lines[0]) and all(l.startswith(' ') or not l.strip() for l in after_source)
+    return all(library(r) for r in records[1:])
+
+
+def front_matter(nb:dict) -> dict:
+    "The notebook's front matter, which nbdev makes from its `# Title` and `> summary` cell (`title`, `description`, ...)"
+    import yaml
+    for c in nb['cells']:
+        if c['cell_type'] == 'raw':
+            m = re.match(r'\s*---\n(.*?)\n---', ''.join(c['source']), re.S)
+            if m: return yaml.safe_load(m.group(1)) or {}
+    return {}
+
+
+def _heading_cell(meta:dict) -> dict|None:
+    "The page's title and summary line, as the notebook wrote them before nbdev moved them into the front matter"
+    if not meta.get('title'): return None
+    text = f"# {meta['title']}" + (f"\n\n> {' '.join(str(meta['description']).split())}" if meta.get('description') else '')
+    return {'cell_type': 'markdown', 'metadata': {}, 'source': text.splitlines(keepends=True)}
+
+
+def _show_doc_name(cell:dict) -> str|None:
+    "The object a `show_doc` cell documents (`Learner.top_k`), or None"
+    m = re.search(r'^show_doc\(([\w.]+)\)', ''.join(cell.get('source', [])), re.M)
+    return m.group(1) if m and cell['cell_type'] == 'code' else None
+
+
+def drop_repeated_show_docs(cells:list[dict]) -> list[dict]:
+    "The cells, less each `show_doc` nbdev added (`has_sd`) for an object a `show_doc` of the notebook's own documents"
+    own = {_show_doc_name(c) for c in cells if not c.get('has_sd')} - {None}
+    kept = [c for c in cells if not (c.get('has_sd') and _show_doc_name(c) in own)]
+    for c in kept: c.pop('has_sd', None)   # not a key of nbformat's cells
+    return kept
+
+
+# a `show_doc` signature as nbdev 3 writes it: one parameter a line, each with its docment
+_SIGNATURE = re.compile(r'^### (?P<name>\S+)\n\n```python\ndef \w+\(\n(?P<params>(?:    .*\n)+)\)', re.M)
+# repeating this many parameters, the same name, type, default and docment, is repeating another's signature
+MIN_SHARED = 3
+
+
+def _params(block:str) -> list[str]:
+    return [l for l in block.splitlines() if l.strip() not in ('*,', '/,')]
+
+
+def _anchor(name:str) -> str: return re.sub(r'[^\w-]', '', name.lower())
+
+
+def share_parameters(docs:list[str]) -> list[str]:
+    """The `show_doc` markdowns of one page, in order, each that repeats at least `MIN_SHARED` parameters of the first one
+    before it that it repeats (a `@delegates` to a base class) showing only its own, its `**kwargs` linked to that one"""
+    seen, out = [], []   # (name, parameter lines) of the signatures shown in full
+    for doc in docs:
+        m = _SIGNATURE.search(doc)
+        if not m: out.append(doc); continue
+        params = m.group('params')
+        base = next(((name, lines) for name, lines in seen if len(set(_params(params)) & set(lines)) >= MIN_SHARED), None)
+        if base is None:
+            seen.append((m.group('name'), _params(params))); out.append(doc); continue
+        name, lines = base
+        own = [l for l in params.splitlines() if l not in lines]
+        if own and own[-1].strip() == '*,': own.pop()   # `*, **kwargs` is not Python
+        shared = [re.match(r'\s*(\w+)', l).group(1) for l in params.splitlines() if l in lines]
+        sig = ''.join(l + '\n' for l in own) + f"    **kwargs, # {name}'s parameters\n"
+        note = (f"\n\n`**kwargs`: the parameters of [`{name}`](#{_anchor(name)}), with its defaults: "
+                + ', '.join(f'`{p}`' for p in shared) + '.')
+        out.append(doc[:m.start('params')] + sig + doc[m.end('params'):].rstrip('\n') + note + '\n')
+    return out
 
 
 def _stage_notebook(src:Path, dst:Path, modules:set[str]):
-    "A processed notebook, made ready for mkdocs-jupyter: no front matter cell, no `#|` lines, `echo: false` inputs hidden"
+    """A processed notebook, made ready for mkdocs-jupyter: the title and summary as a first cell instead of the front
+    matter, no `#|` lines, `echo: false` inputs hidden, each object's `show_doc` once, shared parameters shown once"""
     nb = json.loads(src.read_text())
-    cells = []
-    for c in nb['cells']:
+    head = _heading_cell(front_matter(nb))
+    cells = [head] if head else []
+    for c in drop_repeated_show_docs(nb['cells']):
         if c['cell_type'] == 'raw': continue
         # nbdev's execution timings (numbers where nbformat's schema wants strings)
         c.get('metadata', {}).pop('execution', None)
@@ -135,6 +216,8 @@ def _stage_notebook(src:Path, dst:Path, modules:set[str]):
         if c['cell_type'] == 'markdown' and ''.join(lines).strip().startswith('<!-- WARNING'): continue
         c['source'] = lines
         cells.append(c)
+    shown = [o['data'] for c in cells for o in c.get('outputs', []) if 'text/markdown' in o.get('data', {})]
+    for data, doc in zip(shown, share_parameters([data['text/markdown'] for data in shown])): data['text/markdown'] = doc
     nb['cells'] = cells
     dst.write_text(json.dumps(nb))
 
@@ -152,17 +235,63 @@ def _source_pages(modules:list[Path], package:Path, out:Path):
         (out/f'{module_name(rel)}.html').write_text(highlight(m.read_text(), PythonLexer(), fmt))
 
 
-def _mkdocs_yml(sections:list[tuple[str, list[tuple[str, str]]]]) -> str:
-    "MkDocs' settings, with the navigation in `sections`: (section, [(title in the menu, page file)])"
+# the site's own CSS, after Material's and mkdocs-jupyter's
+EXTRA_CSS = """\
+/* notebook prompts (`In [ ]:`, `Out[4]:`) mean nothing on a documentation page */
+.jupyter-wrapper .jp-InputPrompt, .jupyter-wrapper .jp-OutputPrompt { display: none !important; }
+.md-grid { max-width: 1400px; }
+/* code blocks wrap long lines instead of scrolling: a `<pre>` is `white-space: pre` unless told otherwise, and
+   mkdocs-jupyter's `.highlight pre` (markdown and input cells) is not; only a word longer than a line breaks inside */
+.md-typeset pre, .md-typeset pre > code, .jupyter-wrapper .highlight pre, .jupyter-wrapper .jp-RenderedText pre,
+.jupyter-wrapper .jp-OutputArea-output pre {
+  white-space: pre-wrap !important; word-break: normal !important; overflow-wrap: anywhere !important;
+}
+/* inline code in a table keeps its words whole: Material's `.md-typeset code { word-break: break-word }` lets a narrow
+   column cut an identifier anywhere (`batch_loss_fi|lter`); the line wraps between words, and a table wider than the
+   page scrolls (Material's `table:not([class])` has `overflow: auto`) */
+.md-typeset td code, .md-typeset th code { word-break: normal; overflow-wrap: normal; }
+"""
+
+# what `check` measures on each page: code blocks wider than their box (a horizontal scrollbar), and inline code in a
+# table cut inside a word (laid out on more than one line with no space to break at)
+LAYOUT_JS = """
+const pres = [...document.querySelectorAll('article pre')].filter(p => p.scrollWidth > p.clientWidth + 1);
+const codes = [...document.querySelectorAll('article td code, article th code')]
+  .filter(c => !/\\s/.test(c.textContent) && c.getClientRects().length > 1);
+return [pres.map(p => p.textContent.slice(0, 100)), codes.map(c => c.textContent)];
+"""
+
+
+# Material's page title, less "fastai_hardmine - fastai_hardmine" on the home page (titled as the site, and no "homepage"
+# to Material, which counts only a page outside the navigation's sections)
+MAIN_HTML = """{% extends "base.html" %}
+{% block htmltitle %}
+  {% if page.title == config.site_name %}<title>{{ config.site_name }}</title>{% else %}{{ super() }}{% endif %}
+{% endblock %}
+"""
+
+
+def site_assets(stage:Path, theme:Path):
+    "The site's CSS in the staged pages, and its template override in `theme`"
+    (stage/'extra.css').write_text(EXTRA_CSS)
+    shutil.rmtree(theme, ignore_errors=True); theme.mkdir(parents=True)
+    (theme/'main.html').write_text(MAIN_HTML)
+
+
+def _mkdocs_yml(sections:list[tuple[str, list[tuple[str, str]]]], docs_dir:str=STAGE.name, site_dir:str=f'../{SITE.name}',
+                theme_dir:str=THEME.name) -> str:
+    """MkDocs' settings, with the navigation in `sections`: (section, [(title in the menu, page file)]); the folders are
+    relative to the settings file"""
     nav = '\n'.join(f"  - {json.dumps(section)}:\n" + '\n'.join(f"    - {json.dumps(title)}: {page}" for title, page in pages)
                      for section, pages in sections)
     return f"""site_name: fastai_hardmine
 site_description: Hard-example mining for fastai
-docs_dir: {STAGE.name}
-site_dir: ../{SITE.name}
+docs_dir: {docs_dir}
+site_dir: {site_dir}
 use_directory_urls: false
 theme:
   name: material
+  custom_dir: {theme_dir}
   font: false
   features: [navigation.sections, content.code.copy]
 nav:
@@ -180,10 +309,56 @@ markdown_extensions: [tables, admonition, toc]
 """
 
 
-def build():
-    "Process the notebooks with nbdev, stage them for MkDocs, render the site into _docs/"
+# nbdev's warning for a cell that mixes imports with other code: nbdev runs such a cell whole to render the `show_doc`s
+# (its test code included), where a cell of imports alone is all it needs (nbdev's FAQ)
+MIXED_CELL = 'Found cells containing imports and other code'
+
+
+def _warned_cell(message:str, notebooks:list[Path]) -> str:
+    "Which notebook holds the cell a warning quotes (`02_prune.ipynb`), from the cell's source in the message"
+    m = re.search(r'\n---\n(.*)\n---\n', message, re.S)
+    if m:
+        strip = lambda s: '\n'.join(l for l in s.strip().splitlines() if not l.startswith('#|')).strip()
+        quoted = strip(m.group(1))
+        for nb in notebooks:
+            if any(strip(''.join(c['source'])) == quoted for c in json.loads(nb.read_text())['cells']): return nb.name
+    return '?'
+
+
+def summarize_warnings(caught:list[str], notebooks:list[Path]) -> str:
+    "One line for nbdev's warnings: how many, of which kind, in which notebooks"
+    if not caught: return "docs: nbdev's processing gave no warning"
+    mixed = [_warned_cell(w, notebooks) for w in caught if MIXED_CELL in w]
+    per_nb = {nb: mixed.count(nb) for nb in sorted(set(mixed))}
+    kinds = [f"{len(mixed)} for cells that mix imports with other code (put the imports in a cell of their own): "
+             + ', '.join(f'{nb} ({n})' for nb, n in per_nb.items())] if mixed else []
+    if len(caught) > len(mixed): kinds.append(f"{len(caught) - len(mixed)} other")
+    return f"docs: {len(caught)} nbdev warning(s), {'; '.join(kinds)}; all in {WARNINGS.relative_to(ROOT)} (--verbose prints them)"
+
+
+def _process_notebooks(verbose:bool=False):
+    """nbdev's processing of the notebooks into _proc/, its own warnings counted on one line and listed in a file (printed
+    with `verbose`); warnings raised in the cells it runs stay in their cells' outputs, errors stop the build"""
     from nbdev.serve import proc_nbs
-    proc_nbs(n_workers=0, force=True)
+    caught, show = [], warnings.showwarning
+    def record(message, category, filename, lineno, file=None, line=None):
+        if f'{os.sep}nbdev{os.sep}' in filename: caught.append(f"{filename}:{lineno}: {category.__name__}: {message}")
+        else: show(message, category, filename, lineno, file, line)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('always')   # each cell's warning, not the first one of its kind only
+            warnings.showwarning = record
+            proc_nbs(n_workers=0, force=True)
+    finally:
+        WARNINGS.parent.mkdir(exist_ok=True)
+        WARNINGS.write_text(''.join(w.rstrip('\n') + '\n\n' for w in caught))
+        if verbose: print(WARNINGS.read_text(), end='')
+        print(summarize_warnings(caught, sorted((ROOT/'nbs').glob('*.ipynb'))))
+
+
+def build(verbose:bool=False):
+    "Process the notebooks with nbdev, stage them for MkDocs, render the site into _docs/"
+    _process_notebooks(verbose)
     proc = ROOT/'_proc'
     shutil.rmtree(STAGE, ignore_errors=True); shutil.rmtree(SITE, ignore_errors=True)
     STAGE.mkdir(parents=True)
@@ -196,7 +371,7 @@ def build():
         nb = json.loads(nb_path.read_text())
         name = 'index' if nb_path.stem == 'index' else _page_name(nb, nb_path)
         _stage_notebook(nb_path, STAGE/f'{name}.ipynb', names)
-        pages[nb_path.name] = ('Home' if name == 'index' else _title(nb, name), f'{name}.ipynb')
+        pages[nb_path.name] = (_title(nb, name), f'{name}.ipynb')
     results = proc/'results.md'
     if results.exists():
         text = re.sub(r'\A---\n.*?\n---\n', '', results.read_text(), flags=re.S)
@@ -206,24 +381,26 @@ def build():
     for extra in ('images',):
         if (proc/extra).exists(): shutil.copytree(proc/extra, STAGE/extra)
     _source_pages(modules, package, STAGE/'src')
-    # notebook prompts (`In [ ]:`, `Out[4]:`) mean nothing on a documentation page
-    (STAGE/"extra.css").write_text(".jupyter-wrapper .jp-InputPrompt, .jupyter-wrapper .jp-OutputPrompt { display: none !important; }\n"
-                                   ".md-grid { max-width: 1400px; }\n")
+    site_assets(STAGE, THEME)
     sections = [(section, [pages[f] for f in files]) for section, files in nav_groups(list(pages))]
     # the MkDocs settings are made here, next to the staged pages, from the notebooks found
     (proc/'mkdocs.yml').write_text(_mkdocs_yml(sections))
-    subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--quiet', '-f', str(proc/'mkdocs.yml')], cwd=ROOT, check=True,
-                   env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
+    mkdocs_build(proc/'mkdocs.yml')
     print(f"docs: {len(pages)} pages and {len(modules)} source pages in {SITE.relative_to(ROOT)}/ "
           f"(open {SITE.relative_to(ROOT)}/index.html)")
+
+
+def mkdocs_build(settings:Path):
+    subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--quiet', '-f', str(settings)], cwd=ROOT, check=True,
+                   env={**os.environ, 'NO_MKDOCS_2_WARNING': '1'})
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args): pass
 
 
-def _serve(port:int=0) -> http.server.ThreadingHTTPServer:
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', port), functools.partial(_Quiet, directory=str(SITE)))
+def _serve(port:int=0, site:Path=SITE) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', port), functools.partial(_Quiet, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -248,7 +425,8 @@ ERRORS = re.compile(r'Traceback \(most recent call last\)|^\w+(Error|Exception):
 
 
 def check():
-    "Open every page in headless Chromium: each loads, its internal links resolve, its images load, no error shows"
+    """Open every page in headless Chromium: each loads, its internal links resolve, its images load, no error shows, no
+    code block scrolls sideways and no inline code in a table is cut inside a word (at the browser's 1280 px width)"""
     if not (SITE/'index.html').exists(): raise SystemExit("docs check: no site in _docs/: run `python tools/docs.py build`")
     server = _serve()
     base = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -269,6 +447,9 @@ def check():
             broken = browser.execute_script(
                 "return [...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
             problems += [f"{page}: image does not load: {src[:120]}" for src in broken]
+            scrolling, cut = browser.execute_script(LAYOUT_JS)
+            problems += [f"{page}: code block needs a horizontal scrollbar: {text!r}" for text in scrolling]
+            problems += [f"{page}: inline code in a table cut inside a word: {text!r}" for text in cut]
             links = browser.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
             for href in links:
                 # the project has no public repository or hosted site yet: a link there leads nowhere
@@ -310,14 +491,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('command', choices=('build', 'check', 'serve', 'run'))
     p.add_argument('notebook', nargs='?', help="the notebook to run (command 'run')")
+    p.add_argument('-v', '--verbose', action='store_true', help="build: print nbdev's warnings, not only their count")
     args = p.parse_args()
     if args.command == 'run':
         if not args.notebook: p.error("run: which notebook? e.g. python tools/docs.py run nbs/03_diagnostics.ipynb")
         run(args.notebook)
-    elif args.command == 'build': build()
+    elif args.command == 'build': build(args.verbose)
     elif args.command == 'check': check()
     else:
-        build()
+        build(args.verbose)
         server = _serve(8000)
         print("serving _docs/ on http://localhost:8000 (Ctrl-C stops)")
         try: threading.Event().wait()

@@ -147,7 +147,7 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
           f"{meta['threads']} threads); torch {torch.__version__}, fastai {fastai.__version__}; results in {out}/")
     start = time.perf_counter()
     # a short warm-up of every method first, so the time left is estimated for all tasks from the first line on
-    planned = [run for task in tasks for run in run.plan_task(task, cfgs[task], seeds, device, out, args.same_seed)]
+    planned = [planned_run for task in tasks for planned_run in run.plan_task(task, cfgs[task], seeds, device, out, args.same_seed)]
     progress = run.Progress(planned)
     first = sum(e for _, e in planned)
     print(f"{len(planned)} runs, about {f'{first:.0f} s' if first < 90 else f'{first / 60:.0f} min'} by a first estimate "
@@ -174,5 +174,7 @@ def main(argv:list[str]|None=None, # Command line arguments, without the program
                                       f"against plain fastai's**\n\n{headline}\n\n{report.FRONTIER_READING}\n\n**Every arm**\n\n"
                                       f"{table}\n\n{note}\n\n{report.READING}\n")
         report.plot_task(res, out)
-        print(f"\n{title}\n\nHeadline: each method's frontier against plain fastai's\n\n{headline}\n\nEvery arm\n\n{table}\n\n{note}")
-    print(f"\n{report.FRONTIER_READING}\n\n{report.READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")
+        # the terminal gets the few columns it has room for; the markdown and JSON files keep everything
+        print(f"\n{title}\n\n{report.format_compact_table(res)}\n\n{note}\nEvery column, the spreads and the headline: "
+              f"{out/(task + '.md')}")
+    print(f"\n{report.COMPACT_READING}\nTotal wall time {time.perf_counter() - start:.0f} s. Written to {out}/")

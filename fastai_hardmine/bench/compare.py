@@ -9,7 +9,7 @@ import itertools, math, statistics
 # %% auto #0
 __all__ = ['time_to_accuracy', 'speed_up', 'fastest_plain', 'equal_accuracy', 'rotated', 'median_spread', 'min_epoch_durations',
            'steady_times', 'compare_repeat', 'compare_steady', 'arm_summary', 'arm_time', 'first_reaching',
-           'frontier_comparison']
+           'frontier_comparison', 'timing_noise', 'inside_noise']
 
 # %% ../../nbs/33_bench.compare.ipynb #c018
 def time_to_accuracy(times:list[float], # Training time of each validation point
@@ -200,3 +200,30 @@ def frontier_comparison(arms:dict, # Arm name -> arm: `method`, `plain` and its 
                       speed_up_vs_full_plain=speed_up(times[baseline], best[1]) if best else 'never', seed_speed_ups=ratios,
                       accuracy_difference=_mean_std(diff) if diff else None, verdict=_verdict(ratios, min_seeds))
     return out
+
+# %% ../../nbs/33_bench.compare.ipynb #f9403e33
+def _spread(ts:list[float]) -> float|None:
+    ts = [t for t in ts if t > 0]
+    return max(ts) / min(ts) - 1 if len(ts) > 1 else None
+
+def timing_noise(groups:list[dict], # A task's groups, each with its `arms` and their `runs` (`train_time_s`, `epoch_train_s`, `load_1min`)
+                 threads:int=1, # Threads this process trains with (`torch.get_num_threads()`)
+                 cpus:int=1, # CPU cores of the machine
+                ) -> dict:
+    "The run's timing noise as a share of a time (`level`), from its repeats, its plain epochs and the load average (`sources`)"
+    plain = [a for g in groups for a in g['arms'].values() if a['plain']]
+    repeats = [s for a in plain if (s := _spread([r['train_time_s'] for r in a['runs']])) is not None]
+    epochs = [s for a in plain for r in a['runs'] if (s := _spread(r['epoch_train_s'][1:])) is not None]
+    loads = [r['load_1min'] for g in groups for a in g['arms'].values() for r in a['runs'] if r.get('load_1min') is not None]
+    sources = dict(repeats=max(repeats) if repeats else None, epochs=max(epochs) if epochs else None,
+                   load=max(0., max(loads) - threads) / max(1, cpus) if loads else None)
+    known = [v for v in sources.values() if v is not None]
+    return dict(level=max(known) if known else None, sources=sources, load_1min=max(loads) if loads else None,
+                threads=threads, cpus=cpus)
+
+def inside_noise(ratio, # A speed-up (a float), or a string such as 'never'
+                 noise:dict|None, # From `timing_noise`
+                ) -> bool:
+    "Whether `ratio` lies within the run's timing noise of 1"
+    if isinstance(ratio, str) or not noise or noise.get('level') is None: return False
+    return 1 / (1 + noise['level']) < ratio < 1 + noise['level']

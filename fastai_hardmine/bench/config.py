@@ -23,10 +23,11 @@ _DEFAULTS = dict(
                    arms=[dict(beta=3), dict(beta=3, staleness=1), dict(beta=1, scorer='proxy'),
                          dict(beta=1, scorer='reference')], rho_loss=0.1, info_batch=0.5, **_BUDGETS),
 )
+# every method of the full run, at sizes that take about a minute on 2 quiet CPU cores
 _QUICK = dict(
-    ohem=dict(num_samples=3_000, epochs=8, nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)], mining_budgets=[1.]),
-    filter=dict(num_samples=3_000, epochs=6, mining_budgets=[1.]),
-    selective=dict(num_samples=3_000, epochs=6, noise=[0., .2],
+    ohem=dict(num_samples=2_000, epochs=6, nk=[(512, 512), (1024, 512), (512, 384), (1024, 128)], mining_budgets=[1.]),
+    filter=dict(num_samples=2_000, epochs=5, mining_budgets=[1.]),
+    selective=dict(num_samples=2_000, epochs=5, noise=[0., .2],
                    arms=[dict(beta=1), dict(beta=1, scorer='proxy'), dict(beta=3, staleness=1)], info_batch=0,
                    mining_budgets=[1.]),
 )

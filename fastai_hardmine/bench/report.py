@@ -10,11 +10,12 @@ import numpy as np
 from torch import Tensor
 from .tasks import bench_task
 from .data import bench_config
-from .compare import arm_time
+from .compare import arm_time, timing_noise, inside_noise
 
 # %% auto #0
-__all__ = ['READING', 'FRONTIER_READING', 'loss_histogram', 'format_task_table', 'format_noise_note', 'format_task_note',
-           'frontier_table', 'format_frontier_table', 'format_left_out', 'plot_frontier', 'plot_task']
+__all__ = ['NOISE_MARK', 'COMPACT_READING', 'READING', 'FRONTIER_READING', 'loss_histogram', 'run_noise', 'format_task_table',
+           'format_compact_table', 'format_noise_note', 'format_task_note', 'frontier_table', 'format_frontier_table',
+           'format_left_out', 'plot_frontier', 'plot_task']
 
 # %% ../../nbs/35_bench.report.ipynb #ne962c581
 def loss_histogram(losses:Tensor, # Per-sample losses a rule chose from (e.g. one epoch's, from `records.epoch_losses`)
@@ -45,9 +46,25 @@ def _short_plain(name:str|None, baseline:str) -> str:
     if name == baseline: return 'full'
     return name[len(baseline):].strip() if name.startswith(baseline) else name
 
+def run_noise(res:dict, # A task's result, from `run_task`
+             ) -> dict:
+    "The run's timing noise (`timing_noise`): as the run measured it, or from its arms for a result saved without it"
+    return res.get('timing_noise') or timing_noise(res['groups'])
+
+NOISE_MARK = '~'
+
+def _flagged(m:dict, noise:dict|None) -> str:
+    "A median speed-up over repeats with its spread, marked when the median lies inside the run's timing noise (None: never)"
+    return _fmt_spread(m, _fmt_speed) + (NOISE_MARK if inside_noise(m['median'], noise) else '')
+
+def _mean_std_text(m:dict, scale:float, n:int) -> str:
+    "A mean ± std over repeats, or the value alone with one repeat (where a std of 0 would read as no variance)"
+    return f"{scale * m['mean']:.2f}" if n < 2 else f"{scale * m['mean']:.2f} ± {scale * m['std']:.2f}"
+
 def format_task_table(res:dict, # A task's result, from `run_task`
                      ) -> str:
     "A task's summary as a markdown table, one row per arm (and noise level)"
+    noise = run_noise(res)
     noisy = bench_task(res['task'], res['config']).reports_error
     kind = 'error' if noisy else 'accuracy'
     def pct(a:float) -> float: return 100 * (1 - a if noisy else a)
@@ -59,46 +76,81 @@ def format_task_table(res:dict, # A task's result, from `run_task`
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '|'.join([' --- '] * n_left + [' ---: '] * (len(head) - n_left)) + '|']
     for g in res['groups']:
         for name, arm in g['arms'].items():
-            s = arm['summary']
+            s, marked = arm['summary'], None if name == res['baseline'] else noise
             acc, eq = s['final_error'] if noisy else s['final_accuracy'], s['equal_accuracy']
             row = ([f"{g['noise']:.0%}"] if noisy else []) + [
-                name, str(arm['epochs']), f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}",
+                name, str(arm['epochs']), _mean_std_text(acc, 100, len(arm['runs'])),
                 _fmt_spread(s['train_time'], _fmt_time), f"{pct(eq['level']):.2f}", _fmt_spread(eq['time_s'], _fmt_time),
-                _fmt_spread(eq['speed_up_vs_full_plain'], _fmt_speed), _fmt_spread(eq['speed_up_vs_fastest_plain'], _fmt_speed),
+                _flagged(eq['speed_up_vs_full_plain'], marked), _flagged(eq['speed_up_vs_fastest_plain'], marked),
                 _short_plain(eq['fastest_plain'], res['baseline']),
-                _fmt_spread(eq['steady_speed_up_vs_fastest_plain'], _fmt_speed),
+                _flagged(eq['steady_speed_up_vs_fastest_plain'], marked),
                 f"{s['kept_share']:.3f} ({s['kept_share_end']:.3f})",
                 f"{_fmt_count(s['samples']['scored'])} / {_fmt_count(s['samples']['trained'])}"]
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
+def _aligned(rows:list[list[str]], right_from:int) -> str:
+    "Rows of cells as plain text in columns, the first `right_from` left-aligned, the rest right-aligned"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    def line(r): return '  '.join(c.ljust(w) if i < right_from else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return '\n'.join([line(rows[0]), line(['-' * w for w in widths])] + [line(r) for r in rows[1:]])
+
+def format_compact_table(res:dict, # A task's result, from `run_task`
+                        ) -> str:
+    "A task's arms in the few columns a terminal has room for: accuracy, time to the target, the two speed-ups, kept share"
+    noise, noisy = run_noise(res), bench_task(res['task'], res['config']).reports_error
+    def pct(a:float) -> float: return 100 * (1 - a if noisy else a)
+    rows = [(['noise'] if noisy else []) + ['arm', 'error %' if noisy else 'acc %', 'to target s', 'vs full', 'vs fastest',
+                                             'kept']]
+    for g in res['groups']:
+        for name, arm in g['arms'].items():
+            s, eq = arm['summary'], arm['summary']['equal_accuracy']
+            # the full plain arm's own 1.00x is no measurement: never marked
+            marked = None if name == res['baseline'] else noise
+            def med(m, fmt): return fmt(m['median']) + (NOISE_MARK if inside_noise(m['median'], marked) and fmt is _fmt_speed else '')
+            acc = s['final_error'] if noisy else s['final_accuracy']
+            rows.append(([f"{g['noise']:.0%}"] if noisy else []) + [
+                name, f"{100 * acc['mean']:.2f}", med(eq['time_s'], _fmt_time), med(eq['speed_up_vs_full_plain'], _fmt_speed),
+                med(eq['speed_up_vs_fastest_plain'], _fmt_speed), f"{s['kept_share']:.2f}"])
+    return _aligned(rows, 2 if noisy else 1)
+
+COMPACT_READING = (
+    "How to read: acc % (error %) is the final accuracy (error), mean over the repeats; 'to target' the training time to "
+    "the accuracy the arm is compared at (plain fastai's full-schedule accuracy, or the arm's own final one if lower), in "
+    "seconds; 'vs full' and 'vs fastest' plain fastai's time to that accuracy, at its full schedule and at its fastest one, "
+    "divided by the arm's, median over the repeats "
+    f"(above 1: the arm got there sooner); kept the share of the samples the arm trained on. {NOISE_MARK}: inside this "
+    "run's timing noise, so it means nothing. The markdown file has every column, the spreads and the headline.")
+
 READING = ("How to read: 'compared at' is the accuracy an arm is compared at, its final accuracy capped at the full plain "
            "arm's (the target). 'vs full plain' and 'vs fastest plain' are plain fastai's training time to that accuracy "
            "divided by the arm's, per repeat, as median [min–max] over the repeats; above 1 the arm got there sooner. The "
            "fastest plain is the plain schedule (full or a shorter one-cycle) that got there first; 'steady' takes each "
-           "epoch's fastest duration over the repeats. Times are training wall time, validation excluded.")
+           "epoch's fastest duration over the repeats. Times are training wall time, validation excluded. A ratio marked "
+           f"{NOISE_MARK} lies inside this run's own timing noise (the note under the table says how large it was and how it "
+           "was measured) and means nothing. 'kept share (end)' is the share of the samples the rule trained on over the whole "
+           "run, and in brackets over its last epoch (1.000 for plain fastai). 'scored / trained' counts samples: those "
+           "forwarded to be scored (by the model or a cheaper scorer) and those trained with a forward and a backward; plain "
+           "fastai scores none and trains every sample of every epoch.")
 
 def format_noise_note(res:dict, # A task's result, from `run_task`
                      ) -> str:
-    "How noisy the task's timings were: the full plain arm's training time over the repeats (and the noise levels)"
-    n, groups = res['seeds'], res['groups']
-    times = {g['label']: [r['train_time_s'] for r in g['arms'][res['baseline']]['runs']] for g in groups}
-    lines = []
-    if n > 1:
-        for label, ts in times.items():
-            med = statistics.median(ts)
-            where = f" at {label}" if len(groups) > 1 else ''
-            lines.append(f"Noise{where}: the full plain arm did the same work in each of {n} repeats and took "
-                         f"{med:.2f} s (median), {min(ts):.2f}–{max(ts):.2f} s: a spread of "
-                         f"{100 * (max(ts) - min(ts)) / med:.0f}% of the median. Ratios inside such a spread mean nothing.")
-    else:
-        lines.append("One repeat only: one quick repeat is noisy, and ratios within about ±30% of 1 mean nothing "
-                     "(the same run has taken 15.6 to 23.8 s on this project's 2-core machine). "
-                     "Run 3 or more repeats (`--seeds`, 3 by default without --quick) for medians with their spread.")
-        if len(groups) > 1:
-            ts = [t[0] for t in times.values()]
-            lines.append(f"Here the full plain arm did the same work at each noise level and took "
-                         f"{', '.join(f'{t:.2f}' for t in ts)} s.")
+    "How noisy the run's own timings were, each way it was measured, and what that means for the ratios"
+    noise = run_noise(res)
+    if noise.get('level') is None: return ''
+    src, parts = noise['sources'], []
+    if src.get('repeats') is not None:
+        parts.append(f"repeats {100 * src['repeats']:.0f}% (the spread of a plain arm's training time over {res['seeds']} repeats of the same work)")
+    if src.get('epochs') is not None:
+        parts.append(f"epochs {100 * src['epochs']:.0f}% (the largest spread of a plain run's epoch durations after its first)")
+    if src.get('load') is not None:
+        parts.append(f"load {100 * src['load']:.0f}% (load average up to {noise['load_1min']:.1f} on {noise['cpus']} cores, "
+                     f"{noise['threads']} of it this run's threads)")
+    lead = 'the largest of ' if len(parts) > 1 else 'from '
+    lines = [f"Timing noise of this run: ±{100 * noise['level']:.0f}%, {lead}" + '; '.join(parts) +
+             f". Ratios between {1 / (1 + noise['level']):.2f}x and {1 + noise['level']:.2f}x are marked {NOISE_MARK} and mean nothing."]
+    if res['seeds'] < 2: lines.append("One repeat only: run 3 or more (`--seeds`, 3 by default without --quick) for medians "
+                                      "with their spread and a verdict over seeds.")
     return '\n'.join(lines)
 
 def format_task_note(res:dict, # A task's result, from `run_task`
@@ -117,8 +169,10 @@ def frontier_table(groups:list[dict], # Groups of runs, each with its `frontier`
                    value, # Function of a compared value (an accuracy) returning the number to print
                    kind:str, # What the values are, for the header ('accuracy', 'error', a metric's name)
                    label:str|None=None, # Header of a first column naming each group; None: none
+                   noise:dict|None=None, # The run's timing noise (`timing_noise`): speed-ups inside it are marked
                   ) -> str:
     "Each method's fastest budget reaching plain fastai's full-schedule value (mean over seeds) against plain's fastest, as markdown"
+    def mark(r): return NOISE_MARK if inside_noise(r, noise) else ''
     head = ([label] if label else []) + ['method', f'target {kind}', 'its fastest budget there', 'time (s)', kind,
             "plain's fastest there", 'time (s)', 'speed-up', 'vs full plain', 'per seed', f'paired {kind} diff', 'verdict']
     n_left = 2 if label else 1
@@ -126,12 +180,14 @@ def frontier_table(groups:list[dict], # Groups of runs, each with its `frontier`
     for g in groups:
         for m, f in g.get('frontier', {}).items():
             reached, d = f['arm'] is not None, f['accuracy_difference']
-            diff = f"{value(d['mean']) - value(0):+.2f} ± {abs(value(d['std']) - value(0)):.2f}" if d else '–'
+            one = len(f['seed_speed_ups']) < 2
+            diff = (f"{value(d['mean']) - value(0):+.2f}" + ('' if one else f" ± {abs(value(d['std']) - value(0)):.2f}")) if d else '–'
             row = ([g['label']] if label else []) + [
                 m, f"{value(f['target']):.2f}", f['arm'] if reached else 'none reaches it',
                 _fmt_time(f['time_s']) if reached else '–', f"{value(f['accuracy']):.2f}" if reached else '–',
-                f['plain_arm'], _fmt_time(f['plain_time_s']), _fmt_speed(f['speed_up']),
-                _fmt_speed(f['speed_up_vs_full_plain']), _fmt_ratios(f['seed_speed_ups']), diff, f['verdict']]
+                f['plain_arm'], _fmt_time(f['plain_time_s']), _fmt_speed(f['speed_up']) + mark(f['speed_up']),
+                _fmt_speed(f['speed_up_vs_full_plain']) + mark(f['speed_up_vs_full_plain']), _fmt_ratios(f['seed_speed_ups']),
+                diff, f['verdict']]
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
 
@@ -141,7 +197,7 @@ def format_frontier_table(res:dict, # A task's result, from `run_task`
     noisy = bench_task(res['task'], res['config']).reports_error
     def value(a): return 100 * (1 - a if noisy else a)
     groups = [dict(g, label=f"{g['noise']:.0%}") for g in res['groups']]
-    return frontier_table(groups, value, 'error %' if noisy else 'accuracy %', 'noise' if noisy else None)
+    return frontier_table(groups, value, 'error %' if noisy else 'accuracy %', 'noise' if noisy else None, run_noise(res))
 
 FRONTIER_READING = (
     "How to read the headline: each arm is one point, its final accuracy averaged over the seeds against its steady training "
@@ -149,7 +205,8 @@ FRONTIER_READING = (
     "The target is plain fastai's full-schedule accuracy, averaged over the seeds. 'Its fastest budget there' is the method's "
     "fastest budget whose mean accuracy reaches the target, 'plain's fastest there' plain fastai's (the full schedule always "
     "does), and the speed-up their time ratio; 'vs full plain' sets the method's time against the full plain schedule's. 'Per seed' repeats that within each seed, against that seed's own full plain "
-    "accuracy (every arm of a seed shares its data order, label noise and initial weights). A speed-up is outside seed noise "
+    "accuracy (every arm of a seed shares its data order, label noise and initial weights). A speed-up marked ~ lies inside "
+    "the run's own timing noise (see the note under the task's table). A speed-up is outside seed noise "
     "only when every seed's ratio lies on the same side of 1, over 3 or more seeds. The paired difference is the method's "
     "accuracy minus plain's at the two headline points, mean ± std over the seeds.")
 

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/34_bench.run.ipynb #c003
 from __future__ import annotations
-import copy, time, warnings
+import copy, os, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from ..data import tensor_dls
 from .data import bench_data, flip_labels
 from .config import OPTIMIZER_NAMES
 from .tasks import BenchTask, bench_task
-from .compare import rotated, compare_repeat, compare_steady, arm_summary, frontier_comparison
+from .compare import (rotated, compare_repeat, compare_steady, arm_summary, frontier_comparison,
+                                           timing_noise)
 from ..rho_loss import HeldOutWarning
 from .report import loss_histogram
 
@@ -271,6 +272,11 @@ def _store(arms:dict, comparisons:dict, r:int=-1):
     "Each arm's figures of repeat `r` (from `compare_repeat`) kept with its run"
     for name, fields in comparisons.items(): arms[name]['runs'][r].update(fields)
 
+def _load_average() -> float|None:
+    "The machine's 1-minute load average (None where the system has none)"
+    try: return os.getloadavg()[0]
+    except (AttributeError, OSError): return None
+
 def run_task(task:str, # 'ohem', 'filter' or 'selective'
              cfg:dict, # Settings, from `bench_config`
              seeds:int=1, # Number of repeats; repeat r uses seed r (or 0, with `same_seed`)
@@ -301,10 +307,10 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
         for arm in order:
             label = task.run_label(g['noise'], seed, arm.name)
             if show_bar: log(f"\n{label}")
-            start = time.perf_counter()
+            start, load = time.perf_counter(), _load_average()
             rec, learn = train_arm((x, yt, xv, yv), make_model, init, loss_func, arm.bs, arm.epochs, task.cfg['lr'], seed,
                                    arm.add_rule, device, task.cfg['valid_per_epoch'], show_bar, task.cfg['opt'])
-            rec['seed'], rec['repeat'], rec['epochs'] = seed, r, arm.epochs
+            rec['seed'], rec['repeat'], rec['epochs'], rec['load_1min'] = seed, r, arm.epochs, load
             g['arms'][arm.name]['runs'].append(rec)
             if task.plots_losses and learn.hard_miner is not None and r == 0:
                 hist[arm.name] = loss_histogram(*learn.hard_miner.records.epoch_losses[-1])
@@ -316,7 +322,8 @@ def run_task(task:str, # 'ohem', 'filter' or 'selective'
         for arm in g['arms'].values(): arm['summary'] = arm_summary(arm['runs'])
         g['frontier'] = frontier_comparison(g['arms'], baseline)
     res = dict(task=task.name, config=task.cfg, device=str(device), seeds=seeds, same_seed=same_seed, n_train=len(x),
-               n_valid=len(xv), baseline=baseline, plain_arms=plain, groups=groups)
+               n_valid=len(xv), baseline=baseline, plain_arms=plain, groups=groups,
+               timing_noise=timing_noise(groups, torch.get_num_threads(), os.cpu_count() or 1))
     # one histogram per rule, at its longest budget, in the arms' listed order (whichever order repeat 0 ran them in)
     longest = {}
     for a in arms:
