@@ -61,7 +61,10 @@ def needs_callback(learn:Learner, # The Learner
     "The Learner's callback of type `cls`, or a `ValueError` naming `what` needs it"
     cb = find_callback(learn, cls)
     if cb is None:
-        raise ValueError(f"`learn.{what}` needs a {cls.__name__} in the Learner (see its Learner method), and there is none")
+        on_cb = f"call it on the callback itself (`cb.{what}()`), or " if hasattr(cls, what) else ''
+        raise ValueError(f"`learn.{what}` needs a {cls.__name__} in the Learner (see its Learner method), and there is none. "
+                         f"A callback passed as `fit(cbs=...)` leaves the Learner when that fit ends: {on_cb}add it for "
+                         f"good with its Learner method or `learn.add_cb(cb)`.")
     return cb
 
 def check_only(cb, # The callback starting a fit

@@ -2,7 +2,7 @@
 
 `python tests/sync_files.py` rewrites both; `tests/test_project.py` fails when either has drifted.
 """
-import json, sys, tomllib
+import json, re, sys, tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +33,20 @@ def render_settings_ini(root=ROOT) -> str:
             "# Do not edit: run `python tests/sync_files.py` (tests/test_project.py fails on drift).\n")
     return head + '[DEFAULT]\n' + ''.join(f'{k} = {v}\n' for k, v in keys.items() if v != '')
 
+def without_relative_links(md:str) -> str:
+    "Markdown whose links to the repository's own files (`[results](nbs/results.md)`) name the file instead: `results (nbs/results.md)`"
+    # PyPI shows the README as the package's description, where a link relative to the repository leads nowhere;
+    # the home page of the docs site, rendered from the notebook itself, keeps them as links
+    return re.sub(r'(?<!!)\[([^\]]+)\]\((?!https?://|#)([^)\s]+)\)', r'\1 (`\2`)', md)
+
 def render_readme(root=ROOT) -> str:
-    "README.md: the markdown and visible code cells of nbs/index.ipynb"
+    "README.md: the markdown and visible code cells of nbs/index.ipynb, with no link relative to the repository"
     nb = json.loads((root/'nbs'/'index.ipynb').read_text())
     parts = []
     for c in nb['cells']:
         src = ''.join(c['source']).strip()
         if not src or src.startswith('#| hide'): continue
-        parts.append(src if c['cell_type'] == 'markdown' else f'```python\n{src}\n```')
+        parts.append(without_relative_links(src) if c['cell_type'] == 'markdown' else f'```python\n{src}\n```')
     return '<!-- Generated from nbs/index.ipynb by tests/sync_files.py: edit the notebook, not this file. -->\n\n' \
            + '\n\n'.join(parts) + '\n'
 

@@ -63,3 +63,18 @@ def test_score_scale_on_inputs_that_are_not_images_is_refused_at_the_first_batch
     with pytest.raises(ValueError, match=r"`score_scale` resizes image batches .* is \(64, 64\)"), learn.no_bar(): learn.fit(3)
     # refused in the first epoch, at its first batch: one batch reached fastai's forward? none
     assert learn.count_batches.n == 0
+
+def test_a_miner_given_to_one_fit_keeps_its_records_on_itself_and_the_error_says_so():
+    from fastai_hardmine.callback import TopKCallback
+    from fastai_hardmine import diagnostics as _diagnostics  # noqa: F401 (the plots)
+    learn, cb = make(), TopKCallback(0.5)
+    with learn.no_bar(): learn.fit(1, cbs=cb)
+    assert learn.hard_miner is None and len(cb.kept) == len(learn.dls.train)
+    with pytest.raises(ValueError, match=r"leaves the Learner when that fit ends: call it on the callback itself \(`cb.plot_kept\(\)`\)"):
+        learn.plot_kept()
+    assert cb.plot_kept() is not None
+    # the off switch: the Learner trains as plain fastai again
+    learn = make().top_k(0.5)
+    learn.remove_cb(learn.hard_miner)
+    with learn.no_bar(): learn.fit(1)
+    assert learn.hard_miner is None and learn.count_batches.n == len(learn.dls.train)

@@ -40,3 +40,15 @@ def test_bench_command_runs_demo():
     from fastai_hardmine.bench import main
     import inspect
     assert 'argv' in inspect.signature(main).parameters
+
+def test_readme_works_where_pypi_shows_it():
+    "The README is the package's description on PyPI: no link relative to the repository, and the license it names ships"
+    import re, tomllib
+    from sync_files import without_relative_links
+    readme = (ROOT/'README.md').read_text()
+    assert not re.findall(r'(?<!!)\[[^\]]+\]\((?!https?://|#)[^)]+\)', readme)
+    assert without_relative_links('see [the results](nbs/results.md), [arXiv](https://arxiv.org/abs/1)') == \
+        'see the results (`nbs/results.md`), [arXiv](https://arxiv.org/abs/1)'
+    cfg = tomllib.loads((ROOT/'pyproject.toml').read_text())['project']
+    assert cfg['license'] == 'Apache-2.0' and cfg['license-files'] == ['LICENSE']
+    assert (ROOT/'LICENSE').read_text().lstrip().startswith('Apache License\n')
