@@ -577,7 +577,8 @@ def test_per_sample_loss_scalar_for_batch_raises(lf, name):
                                  ], ids=['scalar', 'short', 'transposed', 'ragged', 'float'])
 def test_per_sample_loss_is_per_sample_bad_shapes_raise(out):
     pred, (targ,) = _reg_k(torch.Generator().manual_seed(0))
-    with pytest.raises(TypeError, match='per_sample_loss_func='): per_sample_loss(out, pred, targ, is_per_sample=True)
+    with pytest.raises(TypeError, match=r'`per_sample_loss_func` \(.+\) returned a .+ for a batch of 6 samples; expected a tensor of shape \(6,\)'):
+        per_sample_loss(out, pred, targ, is_per_sample=True)
 
 def test_per_sample_loss_is_per_sample():
     pred, (targ,) = _reg_k(torch.Generator().manual_seed(0))

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
         "at equal accuracy against the full plain schedule and against the fastest plain schedule, final accuracy "
         "and loss, samples scored and trained.")
     p.add_argument('--task', choices=TASKS + ('all',), default='all', help='task to run (default: all)')
-    p.add_argument('--quick', action='store_true', help='smoke-test sizes and 1 repeat: every task in a few minutes on 2 CPU cores')
+    p.add_argument('--quick', action='store_true', help='smoke-test sizes and 1 repeat: every task in about a minute on 2 quiet CPU cores')
     p.add_argument('--device', default=None, help="training device (default: cuda if available, else cpu)")
     p.add_argument('--seeds', type=int, default=None, help='number of repeats, repeat r with seed r; every repeat runs all '
                    'arms in a rotated order (default: 1 with --quick, else 3)')
