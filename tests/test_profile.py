@@ -1,5 +1,6 @@
 "`learn.mining_profile`: its parts against a directly timed step, the Learner left as it was, vision, tabular and text."
-import copy, random, statistics, time
+import copy, json, random, statistics, subprocess, sys, time
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -34,20 +35,31 @@ class StepClock(Callback):
         now = time.perf_counter()
         self.steps.append(now - self.last); self.last = now
 
-def test_parts_add_up_to_a_directly_timed_step():
+def paired_ratios(pairs:int=5) -> list[float]:
+    "The profile's step time over a directly timed step's, for `pairs` pairs, each pair in alternating order"
+    torch.set_num_threads(1)
     learn = mlp_learner()
     ratios = []
-    for r in range(5):
+    for r in range(pairs):
         def profiled(): return learn.mining_profile(n_batches=8, warmup=2, show=False).step_ms
         def direct():
             clock = StepClock()
             mlp_learner().fit(1, 1e-3, cbs=clock)
             return 1000 * statistics.median(clock.steps[2:])
-        # each pair in alternating order, so that a drift of the machine's speed favours neither
+        # alternating order, so that a drift of the machine's speed favours neither
         p, d = (profiled(), direct()) if r % 2 == 0 else reversed((direct(), profiled()))
         ratios.append(p / d)
+    return ratios
+
+def test_parts_add_up_to_a_directly_timed_step():
+    # in a fresh process, as a user runs the profile: late in this long test session the two clocks drift apart
+    # (the profile read 1.18x and 1.25x the direct step there, 0.98x to 1.06x in shorter sessions, on the same machine)
+    code = "import json, sys; sys.path.insert(0, 'tests'); import test_profile as t; print(json.dumps(t.paired_ratios()))"
+    out = subprocess.run([sys.executable, '-W', 'ignore', '-c', code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent).stdout
+    ratios = json.loads(out.strip().splitlines()[-1])
     # the median of five pairs: a moment of load on the machine moves one or two pairs, not the median
-    assert abs(statistics.median(ratios) - 1) < 0.15, ratios
+    assert len(ratios) == 5 and abs(statistics.median(ratios) - 1) < 0.15, ratios
 
 def test_the_learner_is_left_as_it_was():
     learn = mlp_learner(bs=256, width=64)
