@@ -17,7 +17,7 @@ from fastai.callback.rnn import RNNRegularizer
 from fastai.learner import Learner
 from .core import (check_unit_interval, check_top_k, check_beta, check_count, check_flag, check_seed,
                                   select_loss_fraction, select_top_k, top_k_count, select_selective_backprop, LossHistory,
-                                  zero_top_losses, check_per_sample)
+                                  zero_top_losses)
 from .schedule import SelectionWindow
 from . import scoring
 from .fitting import in_lr_find, seeded_generator, find_callback, check_only, replace_callback
@@ -27,13 +27,10 @@ from .records import ReadsRecords
 from .scorers import ScorerOption
 
 # %% auto #0
-__all__ = ['MODES', 'DEFAULT_BUCKETS', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback',
-           'SelectiveBackpropCallback']
+__all__ = ['MODES', 'HardMiningCallback', 'BatchLossFilterCallback', 'TopKCallback', 'SelectiveBackpropCallback']
 
 # %% ../nbs/01_callback.ipynb #c005
 MODES = ('mask', 'subset')
-# subset mode's kept counts are rounded up to multiples of an eighth of the loader's batch size (see `bucket_count`)
-DEFAULT_BUCKETS = 8
 
 def _check_buckets(buckets) -> int|None:
     if buckets is None: return None
@@ -159,10 +156,7 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
         self.batch_step.new_epoch(self.learn)
 
     def check_fit(self, learn:Learner):
-        "Refuse, before any batch, a loss function that gives no loss per sample (a rule adds its own checks)"
-        # under MixUp/CutMix the loss the miner makes per-sample is the one `MixHandler` replaced
-        mix = scoring.mix_handler(learn.loss_func)
-        check_per_sample(learn.loss_func if mix is None else mix.old_lf, self.per_sample_loss_func)
+        "A rule's own checks when a fit starts, before any batch (the loss is checked by `make_step`)"
 
     def _mining(self) -> bool: return self.training and self.active and len(self.yb) > 0
     def before_batch(self):
@@ -194,16 +188,6 @@ class HardMiningCallback(ReadsRecords, ReportsEpochColumns, Callback):
     def _sample_losses(self) -> Tensor:
         "Per-sample losses of the Learner's prediction against its targets, with their graph"
         return scoring.sample_losses(self.learn.loss_func, self.pred, self.yb, self.per_sample_loss_func)
-
-    def _store_users(self) -> list[str]:
-        "The options in use that need the per-sample store (and so each batch's dataset indices)"
-        users = [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(self, o)]
-        return users + [f"`scorer={type(self.scorer).__name__}`"] * bool(self.scorer is not None and self.scorer.needs_ids)
-
-    def _bucket_sizes(self) -> int:
-        "The `buckets` in effect: 0 where the kept count needs no rounding (`fill_batch`, a fixed count)"
-        if self.fill_batch or self.fixed_count: return 0
-        return DEFAULT_BUCKETS if self.buckets is None else self.buckets
 
 # %% ../nbs/01_callback.ipynb #c009
 class BatchLossFilterCallback(HardMiningCallback):

@@ -13,11 +13,11 @@ from fastai.callback.rnn import RNNRegularizer
 from fastai.callback.training import GradientAccumulation
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from .core import check_unit_interval, check_flag, check_seed, batch_size, check_per_sample
+from .core import check_unit_interval, check_flag, check_seed, batch_size
 from .pruning import EpochPlan, check_prune_ratio, full_data_epochs, plan_epoch
 from .fitting import (
     model_device, min_train_rows, in_lr_find, seeded_generator, find_callback, check_only, replace_callback, across_processes)
-from .scoring import sample_losses, mix_handler
+from .scoring import sample_losses, check_sample_losses
 from .store import SampleStore, NEVER
 from .batch_indices import BatchIndices, loader_with_order
 from .callback import HardMiningCallback
@@ -106,8 +106,7 @@ class InfoBatchCallback(ReportsEpochColumns, Callback):
         check_only(self, InfoBatchCallback)
         # lr_find trains too, but its losses must be those of plain training
         if in_lr_find(self.learn): return
-        mix = mix_handler(self.learn.loss_func)
-        try: check_per_sample(self.learn.loss_func if mix is None else mix.old_lf, self.per_sample_loss_func)
+        try: check_sample_losses(self.learn.loss_func, self.per_sample_loss_func)
         except TypeError as e: raise TypeError(f"{e} For InfoBatch: `learn.info_batch(per_sample_loss_func=f)`.") from None
         dl = self.dls.train
         size = BatchIndices(dl, needed_by='InfoBatchCallback').size

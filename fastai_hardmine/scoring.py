@@ -12,12 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.mixup import MixHandler
 from fastai.callback.rnn import RNNCallback
 from fastai.callback.fp16 import MixedPrecision, NonNativeMixedPrecision
-from .core import per_sample_loss, buffers_restored
+from .core import per_sample_loss, buffers_restored, check_per_sample
 from .recurrent import recurrent_state_kept
 
 # %% auto #0
-__all__ = ['split_batch', 'mix_handler', 'sample_losses', 'scoring_forward', 'check_images', 'downscaled', 'check_finite',
-           'pred_transforms', 'replay_after_pred']
+__all__ = ['split_batch', 'mix_handler', 'sample_losses', 'check_sample_losses', 'scoring_forward', 'check_images', 'downscaled',
+           'check_finite', 'pred_transforms', 'replay_after_pred']
 
 # %% ../nbs/15_scoring.ipynb #n8d57792b
 def split_batch(dls, # The Learner's `DataLoaders` (their `n_inp`, if set)
@@ -50,6 +50,13 @@ def sample_losses(loss_func, # The Learner's loss function, made per-sample unle
         return torch.lerp(unmixed(mix.yb1), loss, mix.lam.to(loss.dtype))
     if per_sample_loss_func is not None: return per_sample_loss(per_sample_loss_func, pred, *yb, is_per_sample=True)
     return per_sample_loss(loss_func, pred, *yb)
+
+def check_sample_losses(loss_func, # The Learner's loss function (under MixUp/CutMix, `MixHandler`'s)
+                        per_sample_loss_func=None, # The user's per-sample loss function, if any
+                       ):
+    "Refuse before any batch, as `sample_losses` would at the first, a loss that gives no loss per sample"
+    mix = mix_handler(loss_func)
+    check_per_sample(loss_func if mix is None else mix.old_lf, per_sample_loss_func)
 
 def _from_the_model(e:Exception) -> Exception:
     "`e`, raised by the user's model in the scoring forward, with a note saying so and its own message kept for re-raising"

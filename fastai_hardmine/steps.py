@@ -18,7 +18,7 @@ from .counting import NoCounts, SampleCounts
 from .fitting import in_lr_find, model_device, min_train_rows
 
 # %% auto #0
-__all__ = ['PlainStep', 'MaskStep', 'SubsetStep', 'make_step']
+__all__ = ['DEFAULT_BUCKETS', 'PlainStep', 'MaskStep', 'SubsetStep', 'bucket_sizes', 'store_users', 'make_step']
 
 # %% ../nbs/13_steps.ipynb #c005
 class PlainStep:
@@ -149,6 +149,19 @@ class SubsetStep(PlainStep):
         if autocast is not None: autocast.__exit__(None, None, None)
 
 # %% ../nbs/13_steps.ipynb #n664c8ffa
+# subset mode's kept counts are rounded up to multiples of an eighth of the loader's batch size (see `bucket_count`)
+DEFAULT_BUCKETS = 8
+
+def bucket_sizes(miner) -> int:
+    "The `buckets` in effect: 0 where the kept count needs no rounding (`fill_batch`, a fixed count)"
+    if miner.fill_batch or miner.fixed_count: return 0
+    return DEFAULT_BUCKETS if miner.buckets is None else miner.buckets
+
+def store_users(miner) -> list[str]:
+    "The miner's options in use that need the per-sample store (and so each batch's dataset indices)"
+    users = [f"`{o}`" for o in ('staleness', 'track_samples') if getattr(miner, o)]
+    return users + [f"`scorer={type(miner.scorer).__name__}`"] * bool(miner.scorer is not None and miner.scorer.needs_ids)
+
 def make_step(miner, # The hard-mining callback starting a fit
               learn, # Its Learner, at the fit's first training epoch
              ) -> PlainStep:
@@ -156,13 +169,15 @@ def make_step(miner, # The hard-mining callback starting a fit
     records = MiningRecords()
     # lr_find trains too, but its losses must be those of plain training
     if in_lr_find(learn): return PlainStep(records)
+    # both modes make the loss per-sample: a loss that cannot be is refused now, before any batch
+    scoring.check_sample_losses(learn.loss_func, miner.per_sample_loss_func)
     if miner.mode == 'mask': return MaskStep(miner, records)
     model, name = learn.model, type(miner).__name__
     carried = recurrent.carried_state_modules(model)
     recurrent.check_state_kept(model, carried, bool(miner.fill_batch or miner.staleness), name)
-    users = miner._store_users()
+    users = store_users(miner)
     counts = SampleCounts(learn.dl, model_device(model), needed_by=' and '.join(users)) if users else NoCounts()
     scorer = make_scorer(miner, learn, counts)
     batches = FillBatches(learn.dl.bs) if miner.fill_batch else TrainAtOnce()
     return SubsetStep(miner, records, scorer, batches, counts, RecurrentRows(carried), LoaderSampleAccumulation(learn.cbs),
-                      miner._bucket_sizes(), min_train_rows(model))
+                      bucket_sizes(miner), min_train_rows(model))

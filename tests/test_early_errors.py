@@ -61,7 +61,7 @@ def test_top_k_at_or_above_the_batch_size_warns_once_at_fit_start():
 def test_score_scale_on_inputs_that_are_not_images_is_refused_at_the_first_batch_even_in_warmup():
     learn = make().top_k(0.5, score_scale=0.5, warmup=2)
     with pytest.raises(ValueError, match=r"`score_scale` resizes image batches .* is \(64, 64\)"), learn.no_bar(): learn.fit(3)
-    # refused in the first epoch, at its first batch: one batch reached fastai's forward? none
+    # refused at the fit's first batch, inside the warmup: no batch reached fastai's forward
     assert learn.count_batches.n == 0
 
 def test_a_miner_given_to_one_fit_keeps_its_records_on_itself_and_the_error_says_so():

@@ -4,16 +4,9 @@ import torch
 from fastai.callback.core import Callback
 from fastai_hardmine.core import batch_size
 from fastai_hardmine.callback import SelectiveBackpropCallback
-from test_subset import tabular_learner, two_target_loss
+from test_subset import tabular_learner, two_target_loss, one_thread  # noqa: F401 (fixture)
 
 BS, N, EPOCHS = 32, 200, 3
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 class Steps(Callback):
     "Per training step, what fastai's forward trains on: (epoch, its dataset ids); and the store's counts at each epoch's end"

@@ -53,6 +53,10 @@ def run_noise(res:dict, # A task's result, from `run_task`
 
 NOISE_MARK = '~'
 
+def _speed_marked(r, noise:dict|None) -> str:
+    "A speed-up, marked when it lies inside the run's timing noise (None: never)"
+    return _fmt_speed(r) + (NOISE_MARK if inside_noise(r, noise) else '')
+
 def _flagged(m:dict, noise:dict|None) -> str:
     "A median speed-up over repeats with its spread, marked when the median lies inside the run's timing noise (None: never)"
     return _fmt_spread(m, _fmt_speed) + (NOISE_MARK if inside_noise(m['median'], noise) else '')
@@ -107,11 +111,11 @@ def format_compact_table(res:dict, # A task's result, from `run_task`
             s, eq = arm['summary'], arm['summary']['equal_accuracy']
             # the full plain arm's own 1.00x is no measurement: never marked
             marked = None if name == res['baseline'] else noise
-            def med(m, fmt): return fmt(m['median']) + (NOISE_MARK if inside_noise(m['median'], marked) and fmt is _fmt_speed else '')
             acc = s['final_error'] if noisy else s['final_accuracy']
             rows.append(([f"{g['noise']:.0%}"] if noisy else []) + [
-                name, f"{100 * acc['mean']:.2f}", med(eq['time_s'], _fmt_time), med(eq['speed_up_vs_full_plain'], _fmt_speed),
-                med(eq['speed_up_vs_fastest_plain'], _fmt_speed), f"{s['kept_share']:.2f}"])
+                name, f"{100 * acc['mean']:.2f}", _fmt_time(eq['time_s']['median']),
+                _speed_marked(eq['speed_up_vs_full_plain']['median'], marked),
+                _speed_marked(eq['speed_up_vs_fastest_plain']['median'], marked), f"{s['kept_share']:.2f}"])
     return _aligned(rows, 2 if noisy else 1)
 
 COMPACT_READING = (
@@ -172,7 +176,6 @@ def frontier_table(groups:list[dict], # Groups of runs, each with its `frontier`
                    noise:dict|None=None, # The run's timing noise (`timing_noise`): speed-ups inside it are marked
                   ) -> str:
     "Each method's fastest budget reaching plain fastai's full-schedule value (mean over seeds) against plain's fastest, as markdown"
-    def mark(r): return NOISE_MARK if inside_noise(r, noise) else ''
     head = ([label] if label else []) + ['method', f'target {kind}', 'its fastest budget there', 'time (s)', kind,
             "plain's fastest there", 'time (s)', 'speed-up', 'vs full plain', 'per seed', f'paired {kind} diff', 'verdict']
     n_left = 2 if label else 1
@@ -185,8 +188,8 @@ def frontier_table(groups:list[dict], # Groups of runs, each with its `frontier`
             row = ([g['label']] if label else []) + [
                 m, f"{value(f['target']):.2f}", f['arm'] if reached else 'none reaches it',
                 _fmt_time(f['time_s']) if reached else '–', f"{value(f['accuracy']):.2f}" if reached else '–',
-                f['plain_arm'], _fmt_time(f['plain_time_s']), _fmt_speed(f['speed_up']) + mark(f['speed_up']),
-                _fmt_speed(f['speed_up_vs_full_plain']) + mark(f['speed_up_vs_full_plain']), _fmt_ratios(f['seed_speed_ups']),
+                f['plain_arm'], _fmt_time(f['plain_time_s']), _speed_marked(f['speed_up'], noise),
+                _speed_marked(f['speed_up_vs_full_plain'], noise), _fmt_ratios(f['seed_speed_ups']),
                 diff, f['verdict']]
             lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
